@@ -1,0 +1,101 @@
+"""Generate text with a LLaMA checkpoint (Meta, HF or ours), on one process or tensor-parallel:
+
+    python example.py --ckpt_dir ckpts/tiny --prompt "The red cat"
+    torchrun --nproc_per_node 2 example.py --ckpt_dir ckpts/7B_fs2 --tokenizer_path ckpts/tokenizer.model
+
+A single prompt streams as it is generated; several are batched (left-padded). Only rank 0 prints.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from llama.errors import LlamaInputError
+
+DEMO_CKPT = Path(__file__).resolve().parent / "ckpts" / "demo"
+DEFAULT_PROMPTS = ["The quick robot", "What is 12 plus 30?"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt_dir", help=f"checkpoint folder (default: the demo model at {DEMO_CKPT}, if built)")
+    p.add_argument("--tokenizer_path", help="sentencepiece tokenizer.model (default: in ckpt_dir or its parent)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for a batch")
+    p.add_argument("--prompts_file", help="text file with one prompt per line (with --chat: one user message per line)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the Llama-2 chat format")
+    p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 means greedy (default 0.6)")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling: keep the smallest set of tokens with this mass (default 0.9)")
+    p.add_argument("--top_k", type=int, default=None, help="keep only the k most likely tokens before top-p (default: off)")
+    p.add_argument("--max_seq_len", type=int, default=512, help="prompt + generation length the KV cache holds (default 512)")
+    p.add_argument("--max_gen_len", type=int, default=64, help="most tokens to generate per prompt (default 64)")
+    p.add_argument("--max_batch_size", type=int, default=4, help="prompts generated together; more are run in chunks (default 4)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu)")
+    p.add_argument("--seed", type=int, default=1, help="sampling seed, the same on every rank (default 1)")
+    return p.parse_args(argv)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise LlamaInputError(f"{path}: prompts file not found")
+        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    return prompts or DEFAULT_PROMPTS
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    say = print if rank == 0 else (lambda *a, **k: None)
+    if args.ckpt_dir is None:
+        if not (DEMO_CKPT / "params.json").is_file():
+            print(
+                f"error: no --ckpt_dir given and no demo model at {DEMO_CKPT}.\n"
+                "Make a tiny random model with `python -m llama.tiny --out ckpts/tiny` and pass "
+                "--ckpt_dir ckpts/tiny, or point --ckpt_dir at a LLaMA checkpoint.",
+                file=sys.stderr,
+            )
+            return 2
+        args.ckpt_dir = str(DEMO_CKPT)
+
+    from llama.generation import Llama  # after argument parsing, so --help is instant
+    from llama.parallel import shutdown_model_parallel
+
+    try:
+        prompts = read_prompts(args)
+        generator = Llama.build(
+            args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
+            dtype=args.dtype, device=args.device, seed=args.seed,
+        )
+        sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_gen_len=args.max_gen_len)
+        if len(prompts) == 1:  # stream the answer as it comes
+            say(prompts[0], end="", flush=True)
+            stream = lambda text: say(text, end="", flush=True)  # noqa: E731
+            complete(generator, prompts, args.chat, sampling, stream)
+            say("\n")
+            return 0
+        for start in range(0, len(prompts), args.max_batch_size):
+            batch = prompts[start:start + args.max_batch_size]
+            for prompt, answer in zip(batch, complete(generator, batch, args.chat, sampling)):
+                say(f"{prompt}\n> {answer}\n\n==================================\n")
+        return 0
+    except LlamaInputError as e:
+        prefix = f"rank {rank}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"error: {prefix}{e}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown_model_parallel()
+
+
+def complete(generator, prompts, chat: bool, sampling: dict, on_text=None) -> list[str]:
+    if chat:
+        dialogs = [[{"role": "user", "content": p}] for p in prompts]
+        results = generator.chat_completion(dialogs, on_text=on_text, **sampling)
+        return [r["generation"]["content"] for r in results]
+    return [r["generation"] for r in generator.text_completion(prompts, on_text=on_text, **sampling)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

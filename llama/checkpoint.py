@@ -1,0 +1,363 @@
+"""Detect, read and write LLaMA checkpoints.
+
+Formats (detected from the folder):
+- meta: `params.json` + `consolidated.NN.pth` (Meta's release; one file per tensor-parallel rank)
+- ours: `params.json` + `consolidated.NN.safetensors` (the same keys and fairscale layout)
+- hf:   `config.json` + `model.safetensors`, `model-0000X-of-0000N.safetensors` with an index,
+        or `pytorch_model*.bin`; HF key names, q/k rows permuted for half-rotation RoPE
+
+Everything is returned with Meta key names and layout. The model is built on the `meta` device
+and tensors are assigned to it, one at a time, so loading never holds two copies of the weights.
+"""
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors.torch import save_file
+
+from llama.config import ModelArgs
+from llama.errors import LlamaInputError
+from llama.files import atomic_path
+from llama.model import Transformer
+
+# --- the fairscale split rule: one table for the loader, split_model.py and tensor parallel ----
+# Column-parallel weights are split on dim 0 (output features), row-parallel ones on dim 1
+# (input features), the embedding on dim 1 (LLaMA-1/2); anything else (norms) is replicated.
+SPLIT_DIMS = {
+    "tok_embeddings.weight": 1,
+    "output.weight": 0,
+    "attention.wq.weight": 0,
+    "attention.wk.weight": 0,
+    "attention.wv.weight": 0,
+    "attention.wo.weight": 1,
+    "feed_forward.w1.weight": 0,
+    "feed_forward.w2.weight": 1,
+    "feed_forward.w3.weight": 0,
+}
+_LAYER_PREFIX = re.compile(r"^layers\.\d+\.")
+IGNORED_KEYS = re.compile(r"(^|\.)(rope\.freqs|rotary_emb\.inv_freq)$")
+
+
+def split_dim(key: str) -> Optional[int]:
+    """The dim along which tensor-parallel ranks split Meta key `key`, or None if replicated."""
+    return SPLIT_DIMS.get(_LAYER_PREFIX.sub("", key))
+
+
+# --- reading tensor files ------------------------------------------------------------------
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """Reads one safetensors file tensor by tensor, straight from disk into the tensor's memory
+    (no mmap, whose touched pages would count twice), checking the header against the file size."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                raise LlamaInputError(f"{path}: not a safetensors file, or truncated")
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise LlamaInputError(f"{path}: corrupt safetensors header") from None
+        if not isinstance(header, dict):
+            raise LlamaInputError(f"{path}: corrupt safetensors header (not a JSON object)")
+        header.pop("__metadata__", None)
+        self.entries = {}
+        for key, info in header.items():
+            try:
+                begin, end = info["data_offsets"]
+                dtype_name, shape = info["dtype"], tuple(info["shape"])
+                valid = all(isinstance(x, int) and x >= 0 for x in (begin, end, *shape)) and begin <= end
+            except (TypeError, KeyError, ValueError):
+                valid = False
+            if not valid:
+                raise LlamaInputError(f"{path}: corrupt safetensors header (bad entry for tensor {key})")
+            dtype = _ST_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+            if dtype is None:
+                raise LlamaInputError(f"{path}: tensor {key} has unsupported dtype {dtype_name}")
+            if end - begin != math.prod(shape) * dtype.itemsize:
+                raise LlamaInputError(f"{path}: corrupt safetensors header (tensor {key}: shape {shape} does not match its byte range)")
+            if 8 + n + end > size:
+                raise LlamaInputError(f"{path}: truncated (tensor {key} runs past the end of the file)")
+            self.entries[key] = (8 + n + begin, end - begin, dtype, shape)
+
+    def keys(self):
+        return self.entries.keys()
+
+    def get(self, key: str) -> torch.Tensor:
+        offset, nbytes, dtype, shape = self.entries[key]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(buf.numpy()) != nbytes:
+                raise LlamaInputError(f"{self.path}: truncated while reading {key}")
+        return buf.view(dtype).reshape(shape)
+
+
+class PthFile:
+    """A torch pickle (`.pth`/`.bin`), opened with weights_only=True and, where the file is in the
+    zip format, mmap=True so tensors are paged in from disk as they are used."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.tensors = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise _unreadable(path, e) from None
+            self.tensors = self._load_legacy(path)
+        except Exception as e:  # unpickling errors come in many types
+            raise _unreadable(path, e) from None
+        if not isinstance(self.tensors, dict) or not all(isinstance(k, str) for k in self.tensors):
+            raise LlamaInputError(f"{path}: expected a dict of tensors")
+
+    @staticmethod
+    def _load_legacy(path):  # pre-zip torch.save files can't be mmapped
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise _unreadable(path, e) from None
+
+    def keys(self):
+        return self.tensors.keys()
+
+    def get(self, key: str) -> torch.Tensor:
+        t = self.tensors[key]
+        if not isinstance(t, torch.Tensor):
+            raise LlamaInputError(f"{self.path}: {key} is a {type(t).__name__}, not a tensor")
+        return t
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _unreadable(path: Path, e: Exception) -> LlamaInputError:
+    """torch.load's errors are long and, for weights_only, suggest weights_only=False (unsafe, and
+    no help for a corrupt file): keep the one line that says what went wrong."""
+    msg = str(e)
+    if "WeightsUnpickler error:" in msg:
+        detail = msg.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0][:200]
+    else:
+        detail = _first_line(e).split(". ")[0]
+    return LlamaInputError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {detail}")
+
+
+def open_tensor_file(path: Path):
+    return SafetensorsFile(path) if path.suffix == ".safetensors" else PthFile(path)
+
+
+# --- format detection ------------------------------------------------------------------------
+
+
+def detect_format(ckpt_dir) -> str:
+    """'meta' (params.json, .pth shards), 'ours' (params.json, .safetensors shards) or 'hf'."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise LlamaInputError(f"{d}: checkpoint folder not found")
+    if (d / "config.json").is_file():
+        return "hf"
+    if not (d / "params.json").is_file():
+        raise LlamaInputError(f"{d}: no params.json (Meta format) or config.json (HF format) in the folder")
+    if any(d.glob("consolidated.*.safetensors")):
+        return "ours"
+    return "meta"
+
+
+def read_model_args(ckpt_dir) -> ModelArgs:
+    d = Path(ckpt_dir)
+    if detect_format(d) == "hf":
+        return ModelArgs.from_hf_config(d / "config.json")
+    return ModelArgs.from_params_json(d / "params.json")
+
+
+def shard_files(ckpt_dir) -> list[Path]:
+    """Meta-layout shards consolidated.00 .. consolidated.{N-1}, checked for gaps."""
+    d = Path(ckpt_dir)
+    ext = ".safetensors" if detect_format(d) == "ours" else ".pth"
+    files = sorted(d.glob(f"consolidated.*{ext}"))
+    if not files:
+        raise LlamaInputError(f"{d}: params.json found but no consolidated.*.pth or .safetensors weights")
+    numbers = {int(m.group(1)) for f in files if (m := re.fullmatch(r"consolidated\.(\d+)\..*", f.name))}
+    n = max(numbers) + 1
+    missing = sorted(set(range(n)) - numbers)
+    if missing:
+        raise LlamaInputError(f"{d}: shard consolidated.{missing[0]:02d}{ext} is missing from a {n}-shard checkpoint")
+    return [d / f"consolidated.{i:02d}{ext}" for i in range(n)]
+
+
+def _hf_files(d: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = d / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError):
+                raise LlamaInputError(f"{index}: not a valid weight index") from None
+            files = [d / name for name in dict.fromkeys(weight_map.values())]
+            for f in files:
+                if not f.is_file():
+                    raise LlamaInputError(f"{f}: listed in {index.name} but missing")
+            return files
+    for pattern in ("model.safetensors", "*.safetensors", "pytorch_model.bin", "pytorch_model*.bin"):
+        files = sorted(d.glob(pattern))
+        if files:
+            return files
+    raise LlamaInputError(f"{d}: config.json found but no *.safetensors or pytorch_model*.bin weights")
+
+
+# --- HF -> Meta names and layout -------------------------------------------------------------
+
+_HF_NAMES = [
+    (r"model\.embed_tokens\.weight", "tok_embeddings.weight"),
+    (r"model\.norm\.weight", "norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", r"layers.\1.attention.wq.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", r"layers.\1.attention.wk.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", r"layers.\1.attention.wv.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", r"layers.\1.attention.wo.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", r"layers.\1.feed_forward.w1.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", r"layers.\1.feed_forward.w2.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", r"layers.\1.feed_forward.w3.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.ffn_norm.weight"),
+]
+
+
+def hf_to_meta_key(name: str) -> Optional[str]:
+    for pattern, meta in _HF_NAMES:
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, meta, name)
+    return None
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF q/k rows (half rotation) -> Meta rows (interleaved pairs), per head."""
+    head_dim = w.shape[0] // n_heads
+    return w.view(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _iter_meta_layout(files: list[Path], mp_rank: int, mp_size: int) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """(key, tensor, file) for this rank: its own shard when there is one per rank, or all
+    shards concatenated along their split dims when one process loads a sharded checkpoint."""
+    if len(files) == mp_size:
+        shard = open_tensor_file(files[mp_rank])
+        for key in shard.keys():
+            yield key, shard.get(key), files[mp_rank]
+        return
+    shards = [open_tensor_file(f) for f in files]
+    for key in shards[0].keys():
+        dim = split_dim(key)
+        if dim is None or len(shards) == 1:
+            yield key, shards[0].get(key), files[0]
+            continue
+        for f, s in zip(files, shards):
+            if key not in s.keys():
+                raise LlamaInputError(f"{f}: tensor {key} is missing")
+        yield key, torch.cat([s.get(key) for s in shards], dim=dim), files[0]
+
+
+def _iter_hf(d: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    for path in _hf_files(d):
+        f = open_tensor_file(path)
+        for name in f.keys():
+            key = hf_to_meta_key(name)
+            if key is None:
+                if IGNORED_KEYS.search(name):
+                    continue
+                raise LlamaInputError(f"{path}: unexpected tensor {name}")
+            t = f.get(name)
+            if key.endswith(("attention.wq.weight", "attention.wk.weight")):
+                n = args.n_heads if key.endswith("wq.weight") else args.n_kv_heads
+                if tuple(t.shape) == (n * args.head_dim, args.dim):  # else load_model reports the shape
+                    t = unpermute_rope_rows(t, n)
+            yield key, t, path
+
+
+def iter_checkpoint(ckpt_dir, args: ModelArgs, mp_rank: int = 0, mp_size: int = 1):
+    """(meta_key, tensor, source_file) for every tensor this rank needs, one at a time."""
+    d = Path(ckpt_dir)
+    if detect_format(d) == "hf":
+        yield from _iter_hf(d, args)
+    else:
+        for key, t, path in _iter_meta_layout(shard_files(d), mp_rank, mp_size):
+            if not IGNORED_KEYS.search(key):
+                yield key, t, path
+
+
+def check_shard_count(ckpt_dir, mp_size: int) -> None:
+    """One process loads any checkpoint; N tensor-parallel processes need N Meta-layout shards."""
+    if mp_size == 1:
+        return
+    d = Path(ckpt_dir)
+    n = 1 if detect_format(d) == "hf" else len(shard_files(d))
+    if n != mp_size:
+        raise LlamaInputError(
+            f"{d}: checkpoint has {n} shard(s) but {mp_size} processes were started; "
+            f"run `python split_model.py --n {mp_size} --ckpt_dir {d}` first"
+        )
+
+
+def load_model(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_rank=0, mp_size=1) -> Transformer:
+    """Build the model on `meta`, then assign each checkpoint tensor (converted to dtype/device)
+    after checking it against the shape the config implies."""
+    check_shard_count(ckpt_dir, mp_size)
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state, sources = {}, {}
+    for key, t, path in iter_checkpoint(ckpt_dir, args, mp_rank, mp_size):
+        if key not in expected:
+            raise LlamaInputError(f"{path}: unexpected tensor {key} for a {args.n_layers}-layer model")
+        if tuple(t.shape) != tuple(expected[key]):
+            raise LlamaInputError(
+                f"{path}: tensor {key} has shape {tuple(t.shape)} but the config implies {tuple(expected[key])}"
+            )
+        state[key] = t.to(device=device, dtype=dtype)
+        sources[key] = path
+    if "output.weight" not in state and args.tie_word_embeddings and mp_size == 1:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise LlamaInputError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: Optional[dict] = None) -> None:
+    """Write tensors atomically (temp file, fsync, rename)."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous()
+        if v.data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=metadata)
+
+
+def save_checkpoint(model: Transformer, out_dir) -> None:
+    """Write a one-process model in our format: params.json + consolidated.00.safetensors."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_safetensors(model.state_dict(), out / "consolidated.00.safetensors")
+    model.args.write_params_json(out / "params.json")

@@ -1,0 +1,201 @@
+"""Llama.build and batched text/chat completion with left padding and a KV cache."""
+from pathlib import Path
+from typing import Callable, Optional, TypedDict
+
+import torch
+
+from llama.checkpoint import load_model, read_model_args
+from llama.config import ModelArgs
+from llama.errors import LlamaInputError
+from llama.model import Transformer
+from llama.parallel import setup_model_parallel
+from llama.tokenizer import Tokenizer
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LlamaInputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def find_tokenizer(ckpt_dir) -> Path:
+    """tokenizer.model in the checkpoint folder or its parent (Meta's layout)."""
+    d = Path(ckpt_dir)
+    for candidate in (d / "tokenizer.model", d.parent / "tokenizer.model"):
+        if candidate.is_file():
+            return candidate
+    raise LlamaInputError(f"{d}: no tokenizer.model here or in the parent folder; pass --tokenizer_path")
+
+
+class Message(TypedDict):
+    role: str  # "system" | "user" | "assistant"
+    content: str
+
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: Optional[int], generator) -> torch.Tensor:
+    """Next token [batch] from logits [batch, vocab]: greedy at temperature 0, else top-k, then
+    nucleus (top-p) sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    if top_k is not None:
+        sorted_probs[:, top_k:] = 0
+    # drop tokens once the mass before them exceeds top_p (the first token always stays)
+    sorted_probs[(sorted_probs.cumsum(-1) - sorted_probs) > top_p] = 0
+    sorted_probs /= sorted_probs.sum(-1, keepdim=True)
+    choice = torch.multinomial(sorted_probs, 1, generator=generator)
+    return order.gather(-1, choice).squeeze(-1)
+
+
+class Llama:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int, seed: int = 1):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.max_batch_size = max_batch_size
+        # every rank draws the same samples from the same (gathered) logits
+        self.generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
+
+    @staticmethod
+    def build(
+        ckpt_dir,
+        tokenizer_path=None,
+        max_seq_len: int = 512,
+        max_batch_size: int = 4,
+        dtype="float32",
+        device: Optional[str] = None,
+        seed: int = 1,
+    ) -> "Llama":
+        """Load a checkpoint (Meta, HF or ours) and its tokenizer. Under torchrun each rank loads
+        its own tensor-parallel shard."""
+        rank, world, device = setup_model_parallel(device)
+        args = read_model_args(ckpt_dir)
+        tokenizer = Tokenizer(tokenizer_path or find_tokenizer(ckpt_dir))
+        check_vocab(args, tokenizer)
+        model = load_model(ckpt_dir, args, parse_dtype(dtype), device, rank, world)
+        model.setup_caches(max_batch_size, max_seq_len)
+        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        top_k: Optional[int] = None,
+        on_token: Optional[Callable[[int], None]] = None,
+    ) -> list[list[int]]:
+        """Generate up to max_gen_len tokens after each prompt; each row stops at its own eos.
+        Prompts are left-padded into one batch. on_token(token) streams row 0's tokens."""
+        bsz = len(prompt_tokens)
+        if bsz > self.max_batch_size:
+            raise LlamaInputError(f"{bsz} prompts but max_batch_size is {self.max_batch_size}")
+        if min(map(len, prompt_tokens)) == 0:
+            raise LlamaInputError("empty prompt")
+        prompt_len = max(map(len, prompt_tokens))
+        if prompt_len >= self.max_seq_len:
+            raise LlamaInputError(f"prompt of {prompt_len} tokens does not fit max_seq_len {self.max_seq_len}")
+        total_len = min(self.max_seq_len, prompt_len + max_gen_len)
+        device = self.model.tok_embeddings.weight.device
+
+        tokens = torch.full((bsz, prompt_len), self.tokenizer.pad_id, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompt_tokens):
+            tokens[row, prompt_len - len(prompt):] = torch.tensor(prompt, device=device)
+        pad_lens = torch.tensor([prompt_len - len(p) for p in prompt_tokens], device=device)
+
+        out: list[list[int]] = [[] for _ in range(bsz)]
+        done = torch.zeros(bsz, dtype=torch.bool, device=device)
+        logits = self.model(tokens, 0, pad_lens)[:, -1]
+        for cur_pos in range(prompt_len, total_len):
+            next_token = sample(logits, temperature, top_p, top_k, self.generator)
+            next_token = torch.where(done, self.tokenizer.eos_id, next_token)
+            for row, tok in enumerate(next_token.tolist()):
+                if not done[row] and tok != self.tokenizer.eos_id:
+                    out[row].append(tok)
+                    if row == 0 and on_token is not None:
+                        on_token(tok)
+            done |= next_token == self.tokenizer.eos_id
+            if done.all() or cur_pos + 1 == total_len:
+                break
+            logits = self.model(next_token[:, None], cur_pos, pad_lens)[:, -1]
+        return out
+
+    def text_completion(
+        self,
+        prompts: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        top_k: Optional[int] = None,
+        max_gen_len: Optional[int] = None,
+        on_text: Optional[Callable[[str], None]] = None,
+    ) -> list[dict]:
+        """[{"generation": str}] for each prompt. on_text streams the first prompt's new text."""
+        prompt_tokens = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+        return self._complete(prompt_tokens, temperature, top_p, top_k, max_gen_len, on_text)
+
+    def chat_completion(
+        self,
+        dialogs: list[list[Message]],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        top_k: Optional[int] = None,
+        max_gen_len: Optional[int] = None,
+        on_text: Optional[Callable[[str], None]] = None,
+    ) -> list[dict]:
+        """[{"generation": {"role": "assistant", "content": str}}] for each dialog, in the
+        Llama-2 chat format."""
+        prompt_tokens = [self.encode_dialog(d) for d in dialogs]
+        results = self._complete(prompt_tokens, temperature, top_p, top_k, max_gen_len, on_text)
+        return [{"generation": {"role": "assistant", "content": r["generation"]}} for r in results]
+
+    def _complete(self, prompt_tokens, temperature, top_p, top_k, max_gen_len, on_text):
+        if max_gen_len is None:
+            max_gen_len = self.max_seq_len - 1
+        on_token = None
+        if on_text is not None:
+            stream = self.tokenizer.stream(context=prompt_tokens[0])
+            on_token = lambda tok: on_text(stream.push(tok))  # noqa: E731
+        generated = self.generate(prompt_tokens, max_gen_len, temperature, top_p, top_k, on_token)
+        return [{"generation": self.tokenizer.decode(t)} for t in generated]
+
+    def encode_dialog(self, dialog: list[Message]) -> list[int]:
+        """Llama-2 chat: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>`
+        per exchange, ending with the last user message and an open `[/INST]`."""
+        if dialog and dialog[0]["role"] == "system":
+            first = {"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
+            dialog = [first] + list(dialog[2:])
+        roles = [m["role"] for m in dialog]
+        if roles[0::2] != ["user"] * len(roles[0::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]):
+            raise LlamaInputError("a dialog must alternate user/assistant, starting with user (after an optional system)")
+        if roles[-1] != "user":
+            raise LlamaInputError("a dialog must end with a user message")
+        tokens: list[int] = []
+        for user, answer in zip(dialog[0::2], dialog[1::2]):
+            text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
+            tokens += self.tokenizer.encode(text, bos=True, eos=True)
+        tokens += self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+        return tokens
+
+
+def check_vocab(args: ModelArgs, tokenizer: Tokenizer) -> None:
+    """LLaMA-1's params.json says vocab_size -1: take it from the tokenizer; otherwise they must agree."""
+    if args.vocab_size == -1:
+        args.vocab_size = tokenizer.n_words
+    elif args.vocab_size != tokenizer.n_words:
+        raise LlamaInputError(
+            f"{tokenizer.path}: tokenizer has {tokenizer.n_words} tokens but the model's vocab_size is {args.vocab_size}"
+        )

@@ -1,0 +1,123 @@
+"""Process groups and the layer factories that pick fairscale tensor-parallel layers when the
+model is split across ranks, and plain torch layers in one process."""
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from llama.errors import LlamaInputError
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def setup_model_parallel(device: str | None = None) -> tuple[int, int, str]:
+    """Under torchrun, start the process group (nccl on GPU, gloo on CPU) and fairscale's model
+    parallel state with every rank in one tensor-parallel group.
+
+    Returns (rank, world_size, device)."""
+    n = world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and n > 1:
+        device = f"cuda:{local_rank}"
+    if n == 1:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    if not fs_init.model_parallel_is_initialized():
+        fs_init.initialize_model_parallel(n)
+    return dist.get_rank(), n, device
+
+
+def shutdown_model_parallel() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def model_parallel_size() -> int:
+    """The tensor-parallel degree: fairscale's group size once set up, else 1."""
+    if not dist.is_available() or not dist.is_initialized():
+        return 1
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    if not fs_init.model_parallel_is_initialized():
+        return 1
+    return fs_init.get_model_parallel_world_size()
+
+
+def model_parallel_rank() -> int:
+    if model_parallel_size() == 1:
+        return 0
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    return fs_init.get_model_parallel_rank()
+
+
+def _local(size: int, what: str) -> int:
+    n = model_parallel_size()
+    if size % n:
+        raise LlamaInputError(f"{what} {size} does not divide by the {n} tensor-parallel ranks")
+    return size // n
+
+
+def _bare(cls, **attrs) -> nn.Module:
+    """A fairscale layer built without its __init__, which allocates and initialises a CPU weight
+    whatever the device (so the model could not be built on `meta` and filled from the
+    checkpoint). Its forward, and the collectives in it, are fairscale's own."""
+    layer = cls.__new__(cls)
+    nn.Module.__init__(layer)
+    for name, value in attrs.items():
+        setattr(layer, name, value)
+    layer.register_parameter("bias", None)
+    return layer
+
+
+def column_linear(in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
+    """Linear whose output features are split across ranks (weight [out/n, in], split on dim 0)."""
+    if model_parallel_size() == 1:
+        return nn.Linear(in_features, out_features, bias=False)
+    from fairscale.nn.model_parallel.layers import ColumnParallelLinear
+
+    local_out = _local(out_features, "output features")
+    return _bare(
+        ColumnParallelLinear, in_features=in_features, out_features=out_features, gather_output=gather_output,
+        output_size_per_partition=local_out, weight=nn.Parameter(torch.empty(local_out, in_features)),
+    )
+
+
+def row_linear(in_features: int, out_features: int) -> nn.Module:
+    """Linear whose input features are split across ranks (weight [out, in/n], split on dim 1);
+    its outputs are summed over ranks."""
+    if model_parallel_size() == 1:
+        return nn.Linear(in_features, out_features, bias=False)
+    from fairscale.nn.model_parallel.layers import RowParallelLinear
+
+    local_in = _local(in_features, "input features")
+    return _bare(
+        RowParallelLinear, in_features=in_features, out_features=out_features, input_is_parallel=True,
+        input_size_per_partition=local_in, weight=nn.Parameter(torch.empty(out_features, local_in)),
+    )
+
+
+def embedding(vocab_size: int, dim: int) -> nn.Module:
+    """Token embedding split on the embedding dim (weight [vocab, dim/n]) as in LLaMA-1/2."""
+    if model_parallel_size() == 1:
+        return nn.Embedding(vocab_size, dim)
+    from fairscale.nn.model_parallel.layers import ParallelEmbedding
+
+    local_dim = _local(dim, "embedding dim")
+    layer = _bare(
+        ParallelEmbedding, num_embeddings=vocab_size, embedding_dim=dim, embedding_dim_per_partition=local_dim,
+        padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False, _weight=None,
+        weight=nn.Parameter(torch.empty(vocab_size, local_dim)),
+    )
+    del layer.bias  # embeddings have none
+    return layer
