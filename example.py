@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_batch_size", type=int, default=4, help="prompts generated together; more are run in chunks (default 4)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu)")
+    p.add_argument("--devices", default=None,
+                   help="spread layers over devices in one process: cuda:0,cuda:1 or auto (all GPUs, by free memory)")
     p.add_argument("--seed", type=int, default=1, help="sampling seed, the same on every rank (default 1)")
     return p.parse_args(argv)
 
@@ -67,7 +69,7 @@ def main(argv=None) -> int:
         prompts = read_prompts(args)
         generator = Llama.build(
             args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
-            dtype=args.dtype, device=args.device, seed=args.seed,
+            dtype=args.dtype, device=args.device, seed=args.seed, devices=args.devices,
         )
         sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_gen_len=args.max_gen_len)
         if len(prompts) == 1:  # stream the answer as it comes

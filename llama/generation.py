@@ -8,7 +8,7 @@ from llama.checkpoint import load_model, read_model_args
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
 from llama.model import Transformer
-from llama.parallel import setup_model_parallel
+from llama.parallel import device_shares, place_layers, resolve_devices, setup_model_parallel
 from llama.tokenizer import Tokenizer
 
 DTYPES = {
@@ -78,14 +78,21 @@ class Llama:
         dtype="float32",
         device: Optional[str] = None,
         seed: int = 1,
+        devices=None,
     ) -> "Llama":
         """Load a checkpoint (Meta, HF or ours) and its tokenizer. Under torchrun each rank loads
-        its own tensor-parallel shard."""
+        its own tensor-parallel shard. `devices` (a list, "cuda:0,cuda:1" or "auto") spreads
+        contiguous layer ranges over several devices in this one process instead."""
+        if devices is not None:
+            devices = resolve_devices(devices)
+            device = "cpu"  # load (mmap'd) on the host, then move each layer range to its device
         rank, world, device = setup_model_parallel(device)
         args = read_model_args(ckpt_dir)
         tokenizer = Tokenizer(tokenizer_path or find_tokenizer(ckpt_dir))
         check_vocab(args, tokenizer)
         model = load_model(ckpt_dir, args, parse_dtype(dtype), device, rank, world)
+        if devices is not None:
+            place_layers(model, devices, device_shares(devices))
         model.setup_caches(max_batch_size, max_seq_len)
         return Llama(model, tokenizer, max_seq_len, max_batch_size, seed)
 
@@ -119,7 +126,7 @@ class Llama:
 
         out: list[list[int]] = [[] for _ in range(bsz)]
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
-        logits = self.model(tokens, 0, pad_lens)[:, -1]
+        logits = self.model(tokens, 0, pad_lens)[:, -1].to(device)
         for cur_pos in range(prompt_len, total_len):
             next_token = sample(logits, temperature, top_p, top_k, self.generator)
             next_token = torch.where(done, self.tokenizer.eos_id, next_token)
@@ -131,7 +138,7 @@ class Llama:
             done |= next_token == self.tokenizer.eos_id
             if done.all() or cur_pos + 1 == total_len:
                 break
-            logits = self.model(next_token[:, None], cur_pos, pad_lens)[:, -1]
+            logits = self.model(next_token[:, None], cur_pos, pad_lens)[:, -1].to(device)
         return out
 
     def text_completion(

@@ -182,6 +182,11 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions)
         mask = attention_mask(seqlen, start_pos, pad_lens, tokens.device)
         h = self.tok_embeddings(tokens)
+        per_device = {}  # with layers placed on several devices, activations follow the layers
         for layer in self.layers:
-            h = layer(h, start_pos, cos, sin, mask)
+            dev = layer.attention_norm.weight.device
+            if dev not in per_device:
+                per_device[dev] = [t if t is None else t.to(dev) for t in (cos, sin, mask)]
+            h = layer(h.to(dev), start_pos, *per_device[dev])
+        h = h.to(self.norm.weight.device)
         return self.output(self.norm(h)).float()
