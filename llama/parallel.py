@@ -38,7 +38,10 @@ def setup_model_parallel(device: str | None = None) -> tuple[int, int, str]:
 
 
 def shutdown_model_parallel() -> None:
+    """Tear the process groups down once every rank is done: gloo aborts a process that leaves
+    (or destroys its groups) while a peer still has collectives in flight."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
