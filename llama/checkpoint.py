@@ -88,7 +88,9 @@ class SafetensorsFile:
             if dtype is None:
                 raise LlamaInputError(f"{path}: tensor {key} has unsupported dtype {dtype_name}")
             if end - begin != math.prod(shape) * dtype.itemsize:
-                raise LlamaInputError(f"{path}: corrupt safetensors header (tensor {key}: shape {shape} does not match its byte range)")
+                raise LlamaInputError(
+                    f"{path}: corrupt safetensors header (tensor {key}: shape {shape} does not match its byte range)"
+                )
             if 8 + n + end > size:
                 raise LlamaInputError(f"{path}: truncated (tensor {key} runs past the end of the file)")
             self.entries[key] = (8 + n + begin, end - begin, dtype, shape)
@@ -218,6 +220,11 @@ def _hf_files(d: Path) -> list[Path]:
     raise LlamaInputError(f"{d}: config.json found but no *.safetensors or pytorch_model*.bin weights")
 
 
+def hf_weight_files(ckpt_dir) -> list[Path]:
+    """The weight files of an HF folder (those its index lists, when it has one)."""
+    return _hf_files(Path(ckpt_dir))
+
+
 # --- HF -> Meta names and layout -------------------------------------------------------------
 
 _HF_NAMES = [
@@ -247,6 +254,18 @@ def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF q/k rows (half rotation) -> Meta rows (interleaved pairs), per head."""
     head_dim = w.shape[0] // n_heads
     return w.view(n_heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def _unpermute_rope_rows_(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """unpermute_rope_rows in place, one head at a time: the loader's temp is one head's rows, not
+    a second full tensor (whose freed buffers would fragment the heap and stay in RSS)."""
+    src = w.view(n_heads, 2, -1, w.shape[-1])  # HF: [head, half, row, dim]
+    dst = w.view(n_heads, -1, 2, w.shape[-1])  # Meta: [head, pair, 2, dim]
+    tmp = torch.empty_like(src[0])
+    for h in range(n_heads):
+        tmp.copy_(src[h])
+        dst[h].copy_(tmp.transpose(0, 1))
+    return w
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -285,7 +304,7 @@ def _iter_hf(d: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, Path
             if key.endswith(("attention.wq.weight", "attention.wk.weight")):
                 n = args.n_heads if key.endswith("wq.weight") else args.n_kv_heads
                 if tuple(t.shape) == (n * args.head_dim, args.dim):  # else load_model reports the shape
-                    t = unpermute_rope_rows(t, n)
+                    t = _unpermute_rope_rows_(t.contiguous(), n)
             yield key, t, path
 
 
@@ -313,11 +332,31 @@ def check_shard_count(ckpt_dir, mp_size: int) -> None:
         )
 
 
+class _SkipInit(torch.overrides.TorchFunctionMode):
+    """Skips random initialisers while the model is built on `meta` (the checkpoint replaces every
+    weight anyway). `normal_` on a meta tensor (nn.Embedding's init) would otherwise pull in
+    torch's Python meta kernels and sympy on first use: ~70 MB of RSS and ~2 s per process."""
+
+    _INITIALISERS = {
+        torch.Tensor.normal_, torch.Tensor.uniform_, torch.nn.init.normal_, torch.nn.init.uniform_,
+        torch.nn.init.trunc_normal_, torch.nn.init.kaiming_uniform_, torch.nn.init.kaiming_normal_,
+        torch.nn.init.xavier_uniform_, torch.nn.init.xavier_normal_,
+    }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._INITIALISERS:
+            tensor = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
 def load_model(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_rank=0, mp_size=1) -> Transformer:
     """Build the model on `meta`, then assign each checkpoint tensor (converted to dtype/device)
     after checking it against the shape the config implies."""
     check_shard_count(ckpt_dir, mp_size)
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = Transformer(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state, sources = {}, {}

@@ -85,9 +85,12 @@ class ModelArgs:
         for required in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
             if cfg.get(required) is None:
                 raise LlamaInputError(f"{path}: missing key '{required}'")
-        _check_values(path, {**cfg, "rope_theta": rope_theta}, ints=("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                       "num_key_value_heads", "vocab_size", "intermediate_size"),
-                      numbers=("rms_norm_eps", "rope_theta"))
+        _check_values(
+            path, {**cfg, "rope_theta": rope_theta},
+            ints=("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size",
+                  "intermediate_size"),
+            numbers=("rms_norm_eps", "rope_theta"),
+        )
         try:
             args = _construct(
                 cls, path, dict(
