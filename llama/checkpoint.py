@@ -291,8 +291,9 @@ def _iter_meta_layout(files: list[Path], mp_rank: int, mp_size: int) -> Iterator
         yield key, torch.cat([s.get(key) for s in shards], dim=dim), files[0]
 
 
-def _iter_hf(d: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    for path in _hf_files(d):
+def iter_hf_names(ckpt_dir) -> Iterator[tuple[Path, object, str, str]]:
+    """(weight file, opened file, HF name, Meta key) for every tensor of an HF folder."""
+    for path in _hf_files(Path(ckpt_dir)):
         f = open_tensor_file(path)
         for name in f.keys():
             key = hf_to_meta_key(name)
@@ -300,12 +301,17 @@ def _iter_hf(d: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, Path
                 if IGNORED_KEYS.search(name):
                     continue
                 raise LlamaInputError(f"{path}: unexpected tensor {name}")
-            t = f.get(name)
-            if key.endswith(("attention.wq.weight", "attention.wk.weight")):
-                n = args.n_heads if key.endswith("wq.weight") else args.n_kv_heads
-                if tuple(t.shape) == (n * args.head_dim, args.dim):  # else load_model reports the shape
-                    t = _unpermute_rope_rows_(t.contiguous(), n)
-            yield key, t, path
+            yield path, f, name, key
+
+
+def _iter_hf(d: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    for path, f, name, key in iter_hf_names(d):
+        t = f.get(name)
+        if key.endswith(("attention.wq.weight", "attention.wk.weight")):
+            n = args.n_heads if key.endswith("wq.weight") else args.n_kv_heads
+            if tuple(t.shape) == (n * args.head_dim, args.dim):  # else load_model reports the shape
+                t = _unpermute_rope_rows_(t.contiguous(), n)
+        yield key, t, path
 
 
 def iter_checkpoint(ckpt_dir, args: ModelArgs, mp_rank: int = 0, mp_size: int = 1):
