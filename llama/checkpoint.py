@@ -200,7 +200,9 @@ def shard_files(ckpt_dir) -> list[Path]:
     return [d / f"consolidated.{i:02d}{ext}" for i in range(n)]
 
 
-def _hf_files(d: Path) -> list[Path]:
+def hf_weight_files(ckpt_dir) -> list[Path]:
+    """The weight files of an HF folder (those its index lists, when it has one)."""
+    d = Path(ckpt_dir)
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index = d / index_name
         if index.is_file():
@@ -218,11 +220,6 @@ def _hf_files(d: Path) -> list[Path]:
         if files:
             return files
     raise LlamaInputError(f"{d}: config.json found but no *.safetensors or pytorch_model*.bin weights")
-
-
-def hf_weight_files(ckpt_dir) -> list[Path]:
-    """The weight files of an HF folder (those its index lists, when it has one)."""
-    return _hf_files(Path(ckpt_dir))
 
 
 # --- HF -> Meta names and layout -------------------------------------------------------------
@@ -293,7 +290,7 @@ def _iter_meta_layout(files: list[Path], mp_rank: int, mp_size: int) -> Iterator
 
 def iter_hf_names(ckpt_dir) -> Iterator[tuple[Path, object, str, str]]:
     """(weight file, opened file, HF name, Meta key) for every tensor of an HF folder."""
-    for path in _hf_files(Path(ckpt_dir)):
+    for path in hf_weight_files(ckpt_dir):
         f = open_tensor_file(path)
         for name in f.keys():
             key = hf_to_meta_key(name)
@@ -365,7 +362,7 @@ def load_model(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_
     with torch.device("meta"), _SkipInit():
         model = Transformer(args)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state, sources = {}, {}
+    state = {}
     for key, t, path in iter_checkpoint(ckpt_dir, args, mp_rank, mp_size):
         if key not in expected:
             raise LlamaInputError(f"{path}: unexpected tensor {key} for a {args.n_layers}-layer model")
@@ -374,7 +371,6 @@ def load_model(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_
                 f"{path}: tensor {key} has shape {tuple(t.shape)} but the config implies {tuple(expected[key])}"
             )
         state[key] = t.to(device=device, dtype=dtype)
-        sources[key] = path
     if "output.weight" not in state and args.tie_word_embeddings and mp_size == 1:
         state["output.weight"] = state["tok_embeddings.weight"]
     missing = sorted(set(expected) - set(state))
