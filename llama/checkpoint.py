@@ -247,6 +247,22 @@ def hf_to_meta_key(name: str) -> Optional[str]:
     return None
 
 
+def meta_to_hf_key(name: str) -> Optional[str]:
+    """The inverse of hf_to_meta_key: 'layers.0.attention.wq.weight' -> 'model.layers.0.self_attn.q_proj.weight'."""
+    for hf, meta in _HF_NAMES:
+        pattern = re.escape(meta).replace(re.escape(r"\1"), r"(\d+)")
+        if re.fullmatch(pattern, name):
+            return re.sub(pattern, hf.replace(r"(\d+)", r"\1").replace("\\.", "."), name)
+    return None
+
+
+def permute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta q/k rows (interleaved pairs) -> HF rows (half rotation), per head: the inverse of
+    unpermute_rope_rows."""
+    head_dim = w.shape[0] // n_heads
+    return w.view(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+
 def unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """HF q/k rows (half rotation) -> Meta rows (interleaved pairs), per head."""
     head_dim = w.shape[0] // n_heads
@@ -396,9 +412,11 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: Optional[
         save_file(out, str(tmp), metadata=metadata)
 
 
-def save_checkpoint(model: Transformer, out_dir) -> None:
-    """Write a one-process model in our format: params.json + consolidated.00.safetensors."""
+def save_checkpoint(model: Transformer, out_dir, state: Optional[dict] = None, rank: int = 0) -> None:
+    """Write a model in our format: params.json + consolidated.{rank:02d}.safetensors holding this
+    tensor-parallel rank's slices (every rank calls it). `state` replaces model.state_dict()."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_safetensors(model.state_dict(), out / "consolidated.00.safetensors")
-    model.args.write_params_json(out / "params.json")
+    save_safetensors(model.state_dict() if state is None else state, out / f"consolidated.{rank:02d}.safetensors")
+    if rank == 0:
+        model.args.write_params_json(out / "params.json")

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
@@ -136,6 +137,19 @@ def attention_mask(seqlen: int, start_pos: int, pad_lens: Optional[torch.Tensor]
     return allowed[:, None]
 
 
+def segment_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For rows packed with several samples, segment_ids [batch, seq] numbers the sample of each
+    slot. Returns positions [batch, seq] that restart at 0 in each sample, and a bool mask
+    [batch, 1, seq, seq] that is causal and keeps attention inside each sample."""
+    idx = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    positions = idx - torch.where(starts, idx, 0).cummax(dim=1).values
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = idx[0][None, :] <= idx[0][:, None]
+    return positions, (same & causal)[:, None]
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -147,13 +161,14 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = column_linear(args.dim, args.vocab_size, gather_output=True)
         self._inv_freq: Optional[torch.Tensor] = None  # not a buffer: the model may be built on `meta`
+        self.checkpoint_layers = False  # activation checkpointing, for training
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Preallocate each layer's KV cache [max_batch, n_local_kv_heads, max_seq, head_dim],
         on its layer's device and dtype, so decoding allocates nothing per step."""
         for layer in self.layers:
             attn = layer.attention
-            w = attn.wk.weight
+            w = layer.attention_norm.weight  # the layer's device and dtype, whatever its linears are
             shape = (max_batch_size, attn.n_local_kv_heads, max_seq_len, attn.head_dim)
             attn.cache_k = torch.zeros(shape, device=w.device, dtype=w.dtype)
             attn.cache_v = torch.zeros(shape, device=w.device, dtype=w.dtype)
@@ -169,24 +184,38 @@ class Transformer(nn.Module):
         angles = positions[..., None].float() * self._inv_freq
         return angles.cos(), angles.sin()
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, pad_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, pad_lens: Optional[torch.Tensor] = None,
+                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab] (float32).
 
         start_pos: cache slot of tokens[:, 0] when decoding with the KV cache (0 without it).
         pad_lens: [batch] count of left-padding slots per row; positions count from the first
-        real token, so a padded row sees the same positions as the prompt alone."""
-        bsz, seqlen = tokens.shape
-        positions = torch.arange(start_pos, start_pos + seqlen, device=tokens.device)[None]
-        if pad_lens is not None:
-            positions = (positions - pad_lens[:, None]).clamp(min=0)
+        real token, so a padded row sees the same positions as the prompt alone.
+        segment_ids: [batch, seq] sample number of each slot when rows are packed."""
+        h = self.hidden_states(self.tok_embeddings(tokens), start_pos, pad_lens, segment_ids)
+        return self.output(h).float()
+
+    def hidden_states(self, h: torch.Tensor, start_pos: int = 0, pad_lens: Optional[torch.Tensor] = None,
+                      segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Input embeddings h [batch, seq, dim] -> final-normed hidden states [batch, seq, dim].
+        Fine-tuning enters here: prompt tuning prepends embeddings, a score head reads the output."""
+        seqlen = h.shape[1]
+        if segment_ids is not None:
+            positions, mask = segment_positions_and_mask(segment_ids)
+        else:
+            positions = torch.arange(start_pos, start_pos + seqlen, device=h.device)[None]
+            if pad_lens is not None:
+                positions = (positions - pad_lens[:, None]).clamp(min=0)
+            mask = attention_mask(seqlen, start_pos, pad_lens, h.device)
         cos, sin = self.rope(positions)
-        mask = attention_mask(seqlen, start_pos, pad_lens, tokens.device)
-        h = self.tok_embeddings(tokens)
         per_device = {}  # with layers placed on several devices, activations follow the layers
         for layer in self.layers:
             dev = layer.attention_norm.weight.device
             if dev not in per_device:
                 per_device[dev] = [t if t is None else t.to(dev) for t in (cos, sin, mask)]
-            h = layer(h.to(dev), start_pos, *per_device[dev])
-        h = h.to(self.norm.weight.device)
-        return self.output(self.norm(h)).float()
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                # keep only each layer's input; recompute its activations in backward
+                h = checkpoint(layer, h.to(dev), start_pos, *per_device[dev], use_reentrant=False)
+            else:
+                h = layer(h.to(dev), start_pos, *per_device[dev])
+        return self.norm(h.to(self.norm.weight.device))

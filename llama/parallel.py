@@ -13,9 +13,10 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def setup_model_parallel(device: str | None = None) -> tuple[int, int, str]:
+def setup_model_parallel(device: str | None = None, tensor_parallel: int | None = None) -> tuple[int, int, str]:
     """Under torchrun, start the process group (nccl on GPU, gloo on CPU) and fairscale's model
-    parallel state with every rank in one tensor-parallel group.
+    parallel state: groups of `tensor_parallel` consecutive ranks (default: all of them) each hold
+    one copy of the model split across them; the copies are data-parallel.
 
     Returns (rank, world_size, device)."""
     n = world_size()
@@ -33,7 +34,10 @@ def setup_model_parallel(device: str | None = None) -> tuple[int, int, str]:
     from fairscale.nn.model_parallel import initialize as fs_init
 
     if not fs_init.model_parallel_is_initialized():
-        fs_init.initialize_model_parallel(n)
+        tp = tensor_parallel or n
+        if n % tp:
+            raise LlamaInputError(f"{n} processes cannot form groups of {tp} tensor-parallel ranks")
+        fs_init.initialize_model_parallel(tp)
     return dist.get_rank(), n, device
 
 
@@ -54,6 +58,15 @@ def model_parallel_size() -> int:
     if not fs_init.model_parallel_is_initialized():
         return 1
     return fs_init.get_model_parallel_world_size()
+
+
+def data_parallel_group():
+    """The process group of ranks holding the same tensor-parallel shard (None in one process)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return None
+    from fairscale.nn.model_parallel import initialize as fs_init
+
+    return fs_init.get_data_parallel_group()
 
 
 def model_parallel_rank() -> int:

@@ -37,11 +37,12 @@ def corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tokenizer(path, vocab_size: int = 384, seed: int = 0) -> None:
-    """BPE sentencepiece model with byte fallback (any text encodes), LLaMA's ids: unk 0, bos 1, eos 2."""
+def train_tokenizer(path, vocab_size: int = 384, seed: int = 0, lines: list[str] | None = None) -> None:
+    """BPE sentencepiece model with byte fallback (any text encodes), LLaMA's ids: unk 0, bos 1,
+    eos 2; trained on `lines` (default: the generated corpus)."""
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus(seed=seed)), model_writer=model, vocab_size=vocab_size,
+        sentence_iterator=iter(lines or corpus(seed=seed)), model_writer=model, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, character_coverage=1.0,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2, num_threads=1,
     )

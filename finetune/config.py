@@ -1,0 +1,176 @@
+"""Fine-tuning configuration: one flat set of keys, read from a TOML file (optionally grouped in
+[model], [method], [data], [train] tables) and overridable on the command line (--lr 1e-4)."""
+import argparse
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from llama.errors import LlamaInputError
+
+
+def _key(default, help: str, group: str, **kw):
+    return field(default_factory=lambda: default, metadata={"help": help, "group": group, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # [model]
+    ckpt_dir: str = _key("", "base checkpoint folder (Meta, HF or ours; a split checkpoint trains tensor-parallel)", "model")
+    tokenizer_path: str = _key("", "sentencepiece tokenizer.model (default: in ckpt_dir or its parent)", "model")
+    dtype: str = _key("bfloat16", "dtype of the frozen base weights: bfloat16, float16 or float32", "model")
+    quant: str = _key("none", "base weights quantized to int4 or nf4 (none: as loaded)", "model")
+    device: str = _key("", "cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu)", "model")
+    devices: str = _key("", "spread layers over devices in one process: cuda:0,cuda:1 or auto", "model")
+    # [method]
+    method: str = _key("lora", "lora, prompt (prompt tuning), full, or freeze (train only the last train_layers blocks)", "method")
+    lora_r: int = _key(8, "LoRA rank", "method")
+    lora_alpha: float = _key(16.0, "LoRA alpha; the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)", "method")
+    lora_dropout: float = _key(0.05, "dropout on the LoRA input", "method")
+    lora_targets: list = _key(["wq", "wv"], "linears to adapt, ours (wq) or HF names (q_proj), or all-linear", "method")
+    use_rslora: bool = _key(False, "rank-stabilised LoRA scaling alpha / sqrt(r)", "method")
+    num_virtual_tokens: int = _key(20, "prompt tuning: number of virtual tokens", "method")
+    prompt_init: str = _key("text", "prompt tuning init: text, vocab (random vocabulary rows) or random", "method")
+    prompt_init_text: str = _key("Answer the question.", "prompt tuning: text whose embeddings start the prompt", "method")
+    train_layers: int = _key(2, "freeze: how many of the last transformer blocks to train", "method")
+    # [data]
+    task: str = _key("sft", "sft (instructions), pt (plain text), cls (classification), regression", "data")
+    train_file: str = _key("", "training data: JSON array or JSONL", "data")
+    eval_file: str = _key("", "evaluation data (default: eval_split of train_file held out)", "data")
+    eval_split: float = _key(0.05, "fraction of train_file held out for eval when there is no eval_file", "data")
+    template: str = _key("alpaca", "sft prompt template: alpaca, vicuna, llama2-chat or plain", "data")
+    train_on_prompt: bool = _key(False, "also compute the loss on prompt tokens", "data")
+    cutoff_len: int = _key(512, "longest sample in tokens; longer ones are cut (pt: split)", "data")
+    packing: bool = _key(False, "pack several samples into one row (attention stays inside each sample)", "data")
+    strict: bool = _key(False, "stop at the first malformed data row instead of skipping it", "data")
+    label_names: list = _key([], "cls: class names in label order (default: the sorted labels found)", "data")
+    shuffle: bool = _key(True, "shuffle the training data each epoch", "data")
+    # [train]
+    out_dir: str = _key("runs/ft", "where checkpoints, metrics.jsonl, loss.png and the adapter go", "train")
+    seed: int = _key(42, "seed for adapter init, data order and dropout", "train")
+    micro_batch_size: int = _key(4, "samples per process per forward", "train")
+    grad_accum: int = _key(1, "micro-batches per optimizer step", "train")
+    epochs: float = _key(1.0, "passes over the training data (ignored when max_steps > 0)", "train")
+    max_steps: int = _key(0, "optimizer steps to run (0: from epochs)", "train")
+    lr: float = _key(2e-4, "peak learning rate", "train")
+    weight_decay: float = _key(0.0, "AdamW weight decay", "train")
+    adam_betas: list = _key([0.9, 0.999], "AdamW betas", "train")
+    adam_eps: float = _key(1e-8, "AdamW epsilon", "train")
+    warmup_steps: int = _key(-1, "linear warmup steps (-1: warmup_ratio of all steps)", "train")
+    warmup_ratio: float = _key(0.03, "warmup as a fraction of all steps, when warmup_steps is -1", "train")
+    min_lr_ratio: float = _key(0.0, "the cosine schedule ends at lr * min_lr_ratio", "train")
+    max_grad_norm: float = _key(1.0, "clip the global gradient norm to this (0: no clipping)", "train")
+    precision: str = _key("auto", "bf16 (autocast), fp16 (autocast + loss scaling), fp32, or auto (bf16 on GPU, fp32 on CPU)", "train")
+    grad_checkpointing: bool = _key(False, "recompute each block's activations in backward to save memory", "train")
+    eval_every: int = _key(0, "evaluate every N steps (0: only at the end)", "train")
+    save_every: int = _key(0, "checkpoint every N steps (0: only at the end)", "train")
+    keep_last: int = _key(2, "checkpoints to keep", "train")
+    log_every: int = _key(1, "write a metrics.jsonl line every N steps", "train")
+    resume: str = _key("auto", "auto (latest checkpoint in out_dir if any), none, or a checkpoint folder", "train")
+    merge: bool = _key(False, "LoRA: also write out_dir/merged, a full checkpoint with the adapter folded in", "train")
+    exact_match_samples: int = _key(0, "sft: greedy-generate answers for this many eval samples before and after training, and report exact match", "train")
+    max_new_tokens: int = _key(32, "longest generated answer for exact match", "train")
+
+    def check(self) -> "TrainConfig":
+        choices = {
+            "method": ("lora", "prompt", "full", "freeze"), "task": ("sft", "pt", "cls", "regression"),
+            "precision": ("auto", "bf16", "fp16", "fp32"), "quant": ("none", "int4", "nf4"),
+            "prompt_init": ("text", "vocab", "random"), "dtype": ("bfloat16", "float16", "float32"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise LlamaInputError(f"{key} = {getattr(self, key)!r}: choose from {', '.join(allowed)}")
+        for key in ("micro_batch_size", "grad_accum", "cutoff_len", "keep_last"):
+            if getattr(self, key) < 1:
+                raise LlamaInputError(f"{key} must be at least 1")
+        if self.packing and (self.method == "prompt" or self.task not in ("sft", "pt")):
+            raise LlamaInputError("packing works for sft and pt without prompt tuning")
+        return self
+
+
+GROUPS = ("model", "method", "data", "train")
+KEYS = {f.name: f for f in fields(TrainConfig)}
+
+
+def unknown_key(key: str, where: str) -> LlamaInputError:
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return LlamaInputError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def coerce(key: str, value, where: str):
+    """A TOML or command-line value -> the key's type ("1e-4" -> 1e-4, "q_proj,v_proj" -> list)."""
+    default = KEYS[key].default_factory()
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(default, list):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            kinds = {type(x) for x in default}
+            return [float(x) for x in items] if kinds == {float} else [str(x).strip() for x in items if str(x).strip()]
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise LlamaInputError(f"{where}: {key} = {value!r} is not a valid {type(default).__name__}") from None
+
+
+def read_toml(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LlamaInputError(f"{path}: config file not found")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise LlamaInputError(f"{path}: not valid TOML ({e})") from None
+    flat = {}
+    for key, value in raw.items():
+        if isinstance(value, dict) and key in GROUPS:
+            flat.update(value)
+        else:
+            flat[key] = value
+    for key in flat:
+        if key not in KEYS:
+            raise unknown_key(key, str(path))
+    return {k: coerce(k, v, str(path)) for k, v in flat.items()}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ft_main.py", formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        description="Fine-tune a LLaMA checkpoint (LoRA, prompt tuning, full or frozen) under torchrun.\n"
+        "With no arguments: the embedded demo on CPU. Every config key can be given here and wins over the TOML.",
+    )
+    p.add_argument("--config", help="TOML file of keys (see torchrun_configs/)")
+    for group in GROUPS:
+        g = p.add_argument_group(f"[{group}]")
+        for f in fields(TrainConfig):
+            if f.metadata["group"] == group:
+                default = f.default_factory()
+                shown = ",".join(map(str, default)) if isinstance(default, list) else default
+                g.add_argument(f"--{f.name}", metavar=type(default).__name__.upper(), default=None,
+                               nargs="?" if isinstance(default, bool) else None, const="true" if isinstance(default, bool) else None,
+                               help=f"{f.metadata['help']} (default: {shown!r})")
+    return p
+
+
+def load_config(argv: list[str], default_config=None) -> TrainConfig:
+    """Defaults <- TOML (--config, else default_config) <- command-line flags."""
+    args, rest = parser().parse_known_args(argv)
+    for extra in rest:
+        if extra.startswith("--"):
+            raise unknown_key(extra[2:].split("=")[0], "the command line")
+        raise LlamaInputError(f"unexpected argument {extra!r} (keys are given as --key value)")
+    values = read_toml(args.config or default_config) if (args.config or default_config) else {}
+    for key in KEYS:
+        if getattr(args, key) is not None:
+            values[key] = coerce(key, getattr(args, key), "the command line")
+    return TrainConfig(**values).check()

@@ -1,0 +1,303 @@
+"""Training data: read JSON/JSONL rows, render them with a prompt template, tokenize with prompt
+tokens masked, cut to cutoff_len, optionally pack, and batch with left padding.
+
+Row formats (detected from the first row's keys):
+    alpaca    {"instruction", "input"?, "output"}
+    sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value"}]}
+    text      {"text"}                      (task pt: plain language modelling)
+    labelled  {"text", "label"}             (tasks cls and regression)
+"""
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llama.errors import LlamaInputError
+from llama.tokenizer import Tokenizer
+
+IGNORE = -100
+ALPACA_PREAMBLE = {
+    True: "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n",
+    False: "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n",
+}
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+TEMPLATES = ("alpaca", "vicuna", "llama2-chat", "plain")
+
+
+@dataclass
+class Example:
+    """One tokenized sample: ids [seq], labels [seq] (token ids with IGNORE on prompt slots for LM
+    tasks; one class id or float for cls/regression), and where the first answer starts."""
+    ids: list[int]
+    labels: list[int] | int | float
+    prompt_len: int = 0
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def read_rows(path, strict: bool) -> list[tuple[str, dict]]:
+    """[(where, row)] from a JSON array or JSONL file; `where` is "file:line" for error messages.
+    A malformed row is fatal with strict, else reported on stderr and skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise LlamaInputError(f"{path}: data file not found")
+    text = path.read_text(encoding="utf-8")
+    rows, bad = [], []
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LlamaInputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        for i, item in enumerate(items):
+            (rows if isinstance(item, dict) else bad).append((f"{path}[{i}]", item))
+    else:
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.append((f"{path}:{lineno}", f"not valid JSON ({e.msg})"))
+                continue
+            (rows if isinstance(item, dict) else bad).append((f"{path}:{lineno}", item))
+    for where, why in bad:
+        report(f"{where}: {why if isinstance(why, str) else 'row is not a JSON object'}", strict)
+    return rows
+
+
+def report(message: str, strict: bool) -> None:
+    if strict:
+        raise LlamaInputError(message)
+    print(f"warning: skipping {message}", file=sys.stderr)
+
+
+def detect_format(row: dict) -> str:
+    if "conversations" in row:
+        return "sharegpt"
+    if "instruction" in row:
+        return "alpaca"
+    if "text" in row:
+        return "labelled" if "label" in row else "text"
+    raise LlamaInputError(f"cannot tell the data format from keys {sorted(row)}: expected alpaca "
+                          "(instruction/output), sharegpt (conversations), text, or text + label")
+
+
+def conversation(row: dict, fmt: str) -> tuple[str | None, list[tuple[str, str]]]:
+    """(system prompt or None, [(user, assistant)]) from an alpaca or sharegpt row."""
+    if fmt == "alpaca":
+        user = row["instruction"] if not row.get("input") else f"{row['instruction']}\n\n{row['input']}"
+        return None, [(user, row["output"])]
+    system, turns, pending = None, [], None
+    for msg in row["conversations"]:
+        who, value = msg["from"], msg["value"]
+        if who == "system":
+            system = value
+        elif who in ("human", "user"):
+            pending = value
+        elif who in ("gpt", "assistant") and pending is not None:
+            turns.append((pending, value))
+            pending = None
+        else:
+            raise ValueError(f"unexpected turn from {who!r}")
+    if not turns:
+        raise ValueError("no human/gpt turn pair")
+    return system, turns
+
+
+# --- templates -------------------------------------------------------------------------------
+
+
+def render(template: str, system: str | None, turns: list[tuple[str, str]], alpaca_row: dict | None = None):
+    """[(text, is_answer, new_round)] pieces of a conversation in a prompt template. Answers end
+    with eos; new_round marks a piece that starts with bos (Llama-2 chat's later rounds)."""
+    pieces = []
+    for i, (user, answer) in enumerate(turns):
+        if template == "alpaca":
+            if alpaca_row is not None and alpaca_row.get("input"):
+                body = f"### Instruction:\n{alpaca_row['instruction']}\n\n### Input:\n{alpaca_row['input']}\n\n### Response:"
+            else:
+                body = f"### Instruction:\n{user}\n\n### Response:"
+            head = ALPACA_PREAMBLE[bool(alpaca_row and alpaca_row.get("input"))] if i == 0 else "\n\n"
+            pieces += [(head + body, False, False), (answer, True, False)]
+        elif template == "vicuna":
+            head = f"{system or VICUNA_SYSTEM} USER: {user} ASSISTANT:" if i == 0 else f" USER: {user} ASSISTANT:"
+            pieces += [(head, False, False), (answer, True, False)]
+        elif template == "llama2-chat":
+            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}" if i == 0 and system else user
+            pieces += [(f"[INST] {user.strip()} [/INST]", False, i > 0), (answer.strip(), True, False)]
+        elif template == "plain":
+            pieces += [(user + "\n", False, False), (answer, True, False)]
+        else:
+            raise LlamaInputError(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
+    return pieces
+
+
+def tokenize_pieces(tokenizer: Tokenizer, pieces, train_on_prompt: bool) -> Example:
+    ids, labels, prompt_len = [tokenizer.bos_id], [IGNORE], None
+    for text, is_answer, new_round in pieces:
+        toks = tokenizer.encode(text, bos=new_round, eos=is_answer)
+        if is_answer and prompt_len is None:
+            prompt_len = len(ids)
+        ids += toks
+        labels += toks if (is_answer or train_on_prompt) else [IGNORE] * len(toks)
+    return Example(ids, labels, prompt_len or len(ids))
+
+
+# --- datasets --------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    task: str = "sft"
+    template: str = "alpaca"
+    train_on_prompt: bool = False
+    cutoff_len: int = 512
+    strict: bool = False
+    label_names: tuple[str, ...] = ()  # cls: class names in label order (default: sorted labels seen)
+
+
+def load_examples(path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list[Example], list[str]]:
+    """Read and tokenize a file for cfg.task. Returns (examples, class names for cls)."""
+    rows = read_rows(path, cfg.strict)
+    if not rows:
+        raise LlamaInputError(f"{path}: no usable rows")
+    fmt = detect_format(rows[0][1])
+    wanted = {"sft": ("alpaca", "sharegpt"), "pt": ("text", "labelled"), "cls": ("labelled",), "regression": ("labelled",)}
+    if cfg.task not in wanted:
+        raise LlamaInputError(f"unknown task {cfg.task!r}; choose from sft, pt, cls, regression")
+    if fmt not in wanted[cfg.task]:
+        where = rows[0][0]
+        need = "a 'label' column" if cfg.task in ("cls", "regression") else f"{' or '.join(wanted[cfg.task])} rows"
+        raise LlamaInputError(f"{where}: task {cfg.task} needs {need}, but the row has keys {sorted(rows[0][1])}")
+    label_names = list(cfg.label_names)
+    if cfg.task == "cls" and not label_names:
+        label_names = sorted({str(r["label"]) for _, r in rows if "label" in r})
+    examples, too_long = [], 0
+    for where, row in rows:
+        try:
+            ex = make_example(row, fmt, tokenizer, cfg, label_names)
+        except (KeyError, TypeError, ValueError) as e:
+            missing = f"missing {e}" if isinstance(e, KeyError) else str(e)
+            report(f"{where}: {missing}", cfg.strict)
+            continue
+        if cfg.task == "pt":
+            examples += split_long(ex, cfg.cutoff_len)
+            continue
+        if len(ex.ids) > cfg.cutoff_len:
+            if cfg.task in ("sft",) and ex.prompt_len >= cfg.cutoff_len:
+                too_long += 1  # nothing left to learn from after the cut
+                continue
+            ex = Example(ex.ids[: cfg.cutoff_len], ex.labels[: cfg.cutoff_len] if cfg.task == "sft" else ex.labels,
+                         ex.prompt_len)
+        examples.append(ex)
+    if not examples:
+        why = f"every sample's prompt is longer than cutoff_len {cfg.cutoff_len}" if too_long else "no usable rows"
+        raise LlamaInputError(f"{path}: {why}")
+    if too_long:
+        print(f"warning: {path}: dropped {too_long} sample(s) whose prompt exceeds cutoff_len {cfg.cutoff_len}",
+              file=sys.stderr)
+    return examples, label_names
+
+
+def make_example(row: dict, fmt: str, tokenizer: Tokenizer, cfg: DataConfig, label_names: list[str]) -> Example:
+    if cfg.task == "sft":
+        system, turns = conversation(row, fmt)
+        pieces = render(cfg.template, system, turns, row if fmt == "alpaca" else None)
+        return tokenize_pieces(tokenizer, pieces, cfg.train_on_prompt)
+    text = row["text"]
+    if not isinstance(text, str) or not text:
+        raise ValueError("empty or non-string 'text'")
+    ids = tokenizer.encode(text, bos=True, eos=cfg.task == "pt")
+    if cfg.task == "pt":
+        return Example(ids, [IGNORE] + ids[1:])
+    label = row["label"]
+    if cfg.task == "regression":
+        value = float(label)
+        if not math.isfinite(value):
+            raise ValueError(f"label {label!r} is not a finite number")
+        return Example(ids, value)
+    if str(label) not in label_names:
+        raise ValueError(f"label {label!r} is not one of {label_names}")
+    return Example(ids, label_names.index(str(label)))
+
+
+def split_long(ex: Example, cutoff_len: int) -> list[Example]:
+    """pt: a long text becomes several rows of cutoff_len tokens rather than being cut."""
+    return [Example(ex.ids[i:i + cutoff_len], ex.labels[i:i + cutoff_len]) for i in range(0, len(ex.ids), cutoff_len)
+            if len(ex.ids[i:i + cutoff_len]) > 1]
+
+
+def pack(examples: list[Example], cutoff_len: int) -> list[list[Example]]:
+    """Greedily fill rows of at most cutoff_len tokens with whole samples, in order."""
+    rows, row, used = [], [], 0
+    for ex in examples:
+        if row and used + len(ex.ids) > cutoff_len:
+            rows.append(row)
+            row, used = [], 0
+        row.append(ex)
+        used += len(ex.ids)
+    return rows + ([row] if row else [])
+
+
+# --- batching --------------------------------------------------------------------------------
+
+
+def collate(items: list, pad_id: int, task: str) -> dict[str, torch.Tensor]:
+    """Left-pad a batch. Items are Examples, or lists of Examples (packed rows).
+    Returns tokens [batch, seq], labels, and pad_lens [batch] or segment_ids [batch, seq]."""
+    packed = isinstance(items[0], list)
+    rows = [[t for ex in item for t in ex.ids] if packed else item.ids for item in items]
+    width = max(map(len, rows))
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for b, ids in enumerate(rows):
+        tokens[b, width - len(ids):] = torch.tensor(ids)
+    batch = {"tokens": tokens}
+    if task in ("sft", "pt"):
+        labels = torch.full_like(tokens, IGNORE)
+        for b, item in enumerate(items):
+            lab = [t for ex in item for t in ex.labels] if packed else item.labels
+            labels[b, width - len(lab):] = torch.tensor(lab)
+        batch["labels"] = labels
+    else:
+        batch["labels"] = torch.tensor([item.labels for item in items],
+                                       dtype=torch.long if task == "cls" else torch.float32)
+    if packed:
+        seg = torch.full_like(tokens, -1)  # padding is a segment of its own
+        for b, item in enumerate(items):
+            ids = torch.cat([torch.full((len(ex.ids),), k) for k, ex in enumerate(item)])
+            seg[b, width - len(ids):] = ids
+        batch["segment_ids"] = seg
+    else:
+        batch["pad_lens"] = torch.tensor([width - len(ids) for ids in rows])
+    return batch
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """The sample order of one epoch: a permutation fixed by (seed, epoch), so a resumed run
+    replays it without saving it."""
+    if not shuffle:
+        return list(range(n))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+
+
+def micro_batch(items: list, global_size: int, index: int, seed: int, shuffle: bool, dp_rank: int, dp_size: int) -> list:
+    """The items this data-parallel rank trains on in global micro-batch `index` (counted across
+    epochs). Each global micro-batch holds global_size items; rank r takes its r-th slice, so N
+    ranks with batch b see exactly what one process with batch N*b sees."""
+    per_epoch = len(items) // global_size
+    if per_epoch == 0:
+        raise LlamaInputError(f"{len(items)} training samples cannot fill one batch of {global_size} "
+                              "(micro_batch_size x data-parallel processes)")
+    epoch, k = divmod(index, per_epoch)
+    order = epoch_order(len(items), seed, epoch, shuffle)
+    chunk = order[k * global_size:(k + 1) * global_size]
+    local = global_size // dp_size
+    return [items[i] for i in chunk[dp_rank * local:(dp_rank + 1) * local]]

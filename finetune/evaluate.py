@@ -1,0 +1,64 @@
+"""Evaluation during fine-tuning: loss (and perplexity, accuracy or MSE) over the eval set, and
+exact match of greedily generated answers. Every rank calls these; results are identical on all."""
+import math
+
+import torch
+import torch.distributed as dist
+
+from llama.generation import Llama
+from finetune.data import Example, collate
+from finetune.heads import TaskModel
+
+
+def all_reduce_sum(values: list[float], group=None, device="cpu") -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+@torch.no_grad()
+def eval_metrics(task_model: TaskModel, items: list, batch_size: int, pad_id: int, device, autocast,
+                 dp_rank: int, dp_size: int, dp_group) -> dict[str, float]:
+    """Mean loss over the eval items, each data-parallel rank taking every dp_size-th batch."""
+    task_model.eval()
+    loss_sum, count, correct = 0.0, 0.0, 0.0
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    for batch in batches[dp_rank::dp_size]:
+        b = {k: v.to(device) for k, v in collate(batch, pad_id, task_model.task).items()}
+        with autocast():
+            loss, n, scores = task_model(**b)
+        loss_sum += loss.item()
+        count += float(n)
+        if task_model.task == "cls":
+            correct += (scores.argmax(-1) == b["labels"]).sum().item()
+    loss_sum, count, correct = all_reduce_sum([loss_sum, count, correct], dp_group, device)
+    task_model.train()
+    mean = loss_sum / max(count, 1.0)
+    out = {"eval_loss": mean}
+    if task_model.task in ("sft", "pt"):
+        out["eval_ppl"] = math.exp(min(mean, 50.0))
+    elif task_model.task == "cls":
+        out["eval_accuracy"] = correct / max(count, 1.0)
+    return out
+
+
+@torch.no_grad()
+def exact_match(task_model: TaskModel, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int) -> float:
+    """Fraction of examples whose greedy answer, generated after the prompt tokens, equals the
+    reference answer token for token (eos excluded)."""
+    task_model.eval()
+    model = task_model.model
+    longest = max(len(ex.ids) for ex in examples) + max_new_tokens
+    model.setup_caches(batch_size, longest)
+    generator = Llama(model, tokenizer, longest, batch_size)
+    hits = 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        answers = generator.generate([ex.ids[:ex.prompt_len] for ex in chunk], max_new_tokens, temperature=0.0)
+        for ex, got in zip(chunk, answers):
+            want = [t for t in ex.ids[ex.prompt_len:] if t != tokenizer.eos_id]
+            hits += got == want
+    model.clear_caches()
+    task_model.train()
+    return hits / len(examples)

@@ -1,0 +1,127 @@
+"""Resumable training state on disk.
+
+out_dir/checkpoints/step_000120/ holds, per rank, rank{r}.safetensors (trainable parameters, the
+optimizer's tensors, RNG states) and rank{r}.json (everything else: optimizer skeleton, scheduler,
+loss scaler, step), plus the exported adapter in adapter/. Ranks write into step_000120.partial/;
+rank 0 renames it once every rank is done, so a kill at any moment leaves only whole
+checkpoints under their final names.
+"""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from llama.checkpoint import save_safetensors
+from llama.errors import LlamaInputError
+from llama.files import fsync_dir, atomic_write_bytes
+
+STEP_DIR = re.compile(r"step_(\d{6,})")
+
+
+def flatten(obj, tensors: dict, prefix: str):
+    """Nested dicts/lists with tensors -> a JSON-able skeleton; tensors move into `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[flatten(k, tensors, f"{prefix}.k{i}"), flatten(v, tensors, f"{prefix}.{i}")]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)]}
+    return obj
+
+
+def unflatten(skeleton, tensors: dict):
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            return tensors[skeleton["__tensor__"]]
+        if "__dict__" in skeleton:
+            return {unflatten(k, tensors): unflatten(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__list__" in skeleton:
+            return [unflatten(v, tensors) for v in skeleton["__list__"]]
+    return skeleton
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def checkpoints(out_dir) -> list[Path]:
+    """Complete checkpoints in out_dir, oldest first."""
+    root = Path(out_dir) / "checkpoints"
+    found = [p for p in root.glob("step_*") if p.is_dir() and STEP_DIR.fullmatch(p.name)] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_state(out_dir, step: int, rank: int, params: dict, optimizer, scheduler, scaler, keep_last: int,
+               write_extra=None) -> Path:
+    """Write step's checkpoint (every rank calls this), then drop all but the last keep_last.
+    write_extra(folder) adds more files (the exported adapter) before the folder is renamed."""
+    root = Path(out_dir) / "checkpoints"
+    final, partial = root / f"step_{step:06d}", root / f"step_{step:06d}.partial"
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed mid-write
+        partial.mkdir(parents=True)
+    _barrier()
+    tensors = {f"param.{k}": v for k, v in params.items()}
+    skeleton = {
+        "step": step,
+        "optimizer": flatten(optimizer.state_dict(), tensors, "optim"),
+        "scheduler": scheduler.state_dict(),
+        "scaler": flatten(scaler.state_dict(), tensors, "scaler") if scaler is not None else None,
+        "rng": flatten(rng_state(), tensors, "rng"),
+    }
+    save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, partial / f"rank{rank}.safetensors")
+    atomic_write_bytes(partial / f"rank{rank}.json", json.dumps(skeleton).encode())
+    if write_extra is not None:
+        write_extra(partial / "adapter")
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        fsync_dir(root)
+        for old in checkpoints(out_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_state(folder, rank: int, params: dict, optimizer, scheduler, scaler) -> int:
+    """Restore what save_state wrote for this rank; returns the step to continue from."""
+    folder = Path(folder)
+    files = folder / f"rank{rank}.safetensors", folder / f"rank{rank}.json"
+    for f in files:
+        if not f.is_file():
+            raise LlamaInputError(f"{folder}: no {f.name}; was this checkpoint written with a different number of processes?")
+    tensors = load_file(str(files[0]))
+    skeleton = json.loads(files[1].read_text())
+    with torch.no_grad():
+        for name, p in params.items():
+            saved = tensors.get(f"param.{name}")
+            if saved is None or saved.shape != p.shape:
+                raise LlamaInputError(f"{folder}: checkpoint does not match this run's trainable parameter {name}")
+            p.copy_(saved)
+    optimizer.load_state_dict(unflatten(skeleton["optimizer"], tensors))
+    scheduler.load_state_dict(skeleton["scheduler"])
+    if scaler is not None and skeleton["scaler"] is not None:
+        scaler.load_state_dict(unflatten(skeleton["scaler"], tensors))
+    set_rng_state(unflatten(skeleton["rng"], tensors))
+    return skeleton["step"]
