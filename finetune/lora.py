@@ -14,6 +14,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from llama.errors import LlamaInputError
 from llama.parallel import model_parallel_rank, model_parallel_size
@@ -46,8 +47,10 @@ class LoRALinear(nn.Module):
         device = next(base.parameters(), torch.empty(0)).device
         if device.type == "meta":
             device = torch.device("cpu")
-        self.lora_A = nn.Linear(in_local, r, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(r, out_local, bias=False, device=device, dtype=torch.float32)
+        # skip nn.Linear's own init: its random draws depend on the local (split) shape and would
+        # put tensor-parallel ranks' RNG out of step with one process
+        self.lora_A = skip_init(nn.Linear, in_local, r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = skip_init(nn.Linear, r, out_local, bias=False, device=device, dtype=torch.float32)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
