@@ -6,13 +6,17 @@
 A single prompt streams as it is generated; several are batched (left-padded). Only rank 0 prints.
 """
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from llama.errors import LlamaInputError
 
-DEMO_CKPT = Path(__file__).resolve().parent / "ckpts" / "demo"
+ROOT = Path(__file__).resolve().parent
+DEMO_CKPT = ROOT / "ckpts" / "demo"
+DEMO_ADAPTER = ROOT / "runs" / "demo" / "adapter"
+DEMO_QUESTIONS = ROOT / "data" / "demo" / "eval.jsonl"
 DEFAULT_PROMPTS = ["The quick robot", "What is 12 plus 30?"]
 
 
@@ -34,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--devices", default=None,
                    help="spread layers over devices in one process: cuda:0,cuda:1 or auto (all GPUs, by free memory)")
     p.add_argument("--seed", type=int, default=1, help="sampling seed, the same on every rank (default 1)")
+    p.add_argument("--adapter", help="LoRA or prompt-tuning adapter folder written by ft_main.py (its out_dir/adapter); "
+                   "prompts are wrapped in the template it was trained with (default with the demo: runs/demo/adapter)")
+    p.add_argument("--raw", action="store_true", help="with --adapter: send prompts as they are, without its template")
     return p.parse_args(argv)
 
 
@@ -43,7 +50,10 @@ def read_prompts(args) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise LlamaInputError(f"{path}: prompts file not found")
-        prompts += [line for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if path.suffix == ".jsonl":  # the demo's questions: the instruction of each row
+            lines = [json.loads(line)["instruction"] for line in lines[:4]]
+        prompts += lines
     return prompts or DEFAULT_PROMPTS
 
 
@@ -55,13 +65,18 @@ def main(argv=None) -> int:
         if not (DEMO_CKPT / "params.json").is_file():
             print(
                 f"error: no --ckpt_dir given and no demo model at {DEMO_CKPT}.\n"
-                "Make a tiny random model with `python -m llama.tiny --out ckpts/tiny` and pass "
-                "--ckpt_dir ckpts/tiny, or point --ckpt_dir at a LLaMA checkpoint.",
+                "Run `python ft_main.py` first (it builds and fine-tunes the demo), or point --ckpt_dir "
+                "at a LLaMA checkpoint (`python -m llama.tiny --out ckpts/tiny` makes a tiny random one).",
                 file=sys.stderr,
             )
             return 2
         args.ckpt_dir = str(DEMO_CKPT)
+        if args.adapter is None and (DEMO_ADAPTER / "adapter_config.json").is_file():
+            args.adapter = str(DEMO_ADAPTER)
+            if not args.prompt and not args.prompts_file:
+                args.prompts_file = str(DEMO_QUESTIONS)
 
+    from finetune.data import prompt_for
     from llama.generation import Llama  # after argument parsing, so --help is instant
     from llama.parallel import shutdown_model_parallel
 
@@ -71,16 +86,21 @@ def main(argv=None) -> int:
             args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
             dtype=args.dtype, device=args.device, seed=args.seed, devices=args.devices,
         )
+        template = None
+        if args.adapter:
+            template = use_adapter(generator, args.adapter, args.max_batch_size, args.max_seq_len)
+            say(f"adapter {args.adapter}" + (f" (prompts wrapped in its {template} template)" if template and not args.raw else ""))
+        wrap = (lambda p: p) if template is None or args.raw else (lambda p: prompt_for(template, p))  # noqa: E731
         sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_gen_len=args.max_gen_len)
         if len(prompts) == 1:  # stream the answer as it comes
             say(prompts[0], end="", flush=True)
             stream = lambda text: say(text, end="", flush=True)  # noqa: E731
-            complete(generator, prompts, args.chat, sampling, stream)
+            complete(generator, [wrap(p) for p in prompts], args.chat, sampling, stream)
             say("\n")
             return 0
         for start in range(0, len(prompts), args.max_batch_size):
             batch = prompts[start:start + args.max_batch_size]
-            for prompt, answer in zip(batch, complete(generator, batch, args.chat, sampling)):
+            for prompt, answer in zip(batch, complete(generator, [wrap(p) for p in batch], args.chat, sampling)):
                 say(f"{prompt}\n> {answer}\n\n==================================\n")
         return 0
     except LlamaInputError as e:
@@ -89,6 +109,20 @@ def main(argv=None) -> int:
         return 2
     finally:
         shutdown_model_parallel()
+
+
+def use_adapter(generator, adapter_dir: str, max_batch_size: int, max_seq_len: int):
+    """Put a saved LoRA or prompt-tuning adapter on the generator's model. Returns the prompt
+    template it was trained with, if any."""
+    from finetune.adapters import load_adapter, read_adapter
+
+    config, ours = read_adapter(adapter_dir)
+    if ours.get("task") in ("cls", "regression"):
+        raise LlamaInputError(f"{adapter_dir}: a {ours['task']} adapter scores text; example.py generates text")
+    generator.model.clear_caches()
+    generator.model = load_adapter(generator.model, adapter_dir)
+    generator.model.setup_caches(max_batch_size, max_seq_len)  # prompt tuning needs room for its tokens
+    return ours.get("template") if ours.get("task", "sft") == "sft" else None
 
 
 def complete(generator, prompts, chat: bool, sampling: dict, on_text=None) -> list[str]:

@@ -16,7 +16,7 @@ setup(
     ],
     extras_require={
         # references the tests compare against; never imported by the package
-        "test": ["pytest", "transformers>=4.45"],
+        "test": ["pytest", "transformers>=4.45", "peft>=0.13"],
         "bench": ["transformers>=4.45"],
     },
 )

@@ -140,6 +140,11 @@ def render(template: str, system: str | None, turns: list[tuple[str, str]], alpa
     return pieces
 
 
+def prompt_for(template: str, user: str) -> str:
+    """The text a template puts before the answer to a single user message (for generation)."""
+    return "".join(text for text, is_answer, _ in render(template, None, [(user, "")]) if not is_answer)
+
+
 def tokenize_pieces(tokenizer: Tokenizer, pieces, train_on_prompt: bool) -> Example:
     ids, labels, prompt_len = [tokenizer.bos_id], [IGNORE], None
     for text, is_answer, new_round in pieces:
