@@ -100,7 +100,6 @@ def adapter_tensors(task_model: TaskModel) -> dict[str, torch.Tensor]:
     if isinstance(task_model.model, PromptTuning):
         out["prompt_embeddings"] = task_model.model.prompt_embeddings.detach()
     for path, layer in lora_layers(task_model.model).items():
-        path = path.removeprefix("model.")  # a LoRA under prompt tuning is not supported; plain path
         hf = meta_to_hf_key(f"{path}.weight").removesuffix(".weight")
         a = gather_split(layer.lora_A.weight.detach(), getattr(layer.lora_A.weight, "tp_split_dim", None))
         b = gather_split(layer.lora_B.weight.detach(), getattr(layer.lora_B.weight, "tp_split_dim", None))

@@ -197,7 +197,7 @@ def load_examples(path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list[Exa
             examples += split_long(ex, cfg.cutoff_len)
             continue
         if len(ex.ids) > cfg.cutoff_len:
-            if cfg.task in ("sft",) and ex.prompt_len >= cfg.cutoff_len:
+            if cfg.task == "sft" and ex.prompt_len >= cfg.cutoff_len:
                 too_long += 1  # nothing left to learn from after the cut
                 continue
             ex = Example(ex.ids[: cfg.cutoff_len], ex.labels[: cfg.cutoff_len] if cfg.task == "sft" else ex.labels,
@@ -296,11 +296,9 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
 def micro_batch(items: list, global_size: int, index: int, seed: int, shuffle: bool, dp_rank: int, dp_size: int) -> list:
     """The items this data-parallel rank trains on in global micro-batch `index` (counted across
     epochs). Each global micro-batch holds global_size items; rank r takes its r-th slice, so N
-    ranks with batch b see exactly what one process with batch N*b sees."""
+    ranks with batch b see exactly what one process with batch N*b sees. The last partial
+    batch of an epoch is dropped (a different one each epoch); len(items) >= global_size."""
     per_epoch = len(items) // global_size
-    if per_epoch == 0:
-        raise LlamaInputError(f"{len(items)} training samples cannot fill one batch of {global_size} "
-                              "(micro_batch_size x data-parallel processes)")
     epoch, k = divmod(index, per_epoch)
     order = epoch_order(len(items), seed, epoch, shuffle)
     chunk = order[k * global_size:(k + 1) * global_size]
