@@ -18,6 +18,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "torchrun_configs" / "demo.toml"
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from finetune.config import load_config
+    from finetune.trainer import TrainingDiverged, train
+    from llama.parallel import shutdown_model_parallel
 
     try:
         cfg = load_config(argv, default_config=None if "--config" in argv else DEMO_CONFIG)
@@ -25,9 +27,6 @@ def main(argv=None) -> int:
             from finetune.demo import ensure_demo_model
 
             cfg.ckpt_dir = str(ensure_demo_model())
-        from finetune.trainer import TrainingDiverged, train
-        from llama.parallel import shutdown_model_parallel
-
         try:
             train(cfg)
         finally:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from llama.errors import LlamaInputError
+from finetune.data import TEMPLATES
 
 
 def _key(default, help: str, group: str, **kw):
@@ -76,6 +77,7 @@ class TrainConfig:
             "method": ("lora", "prompt", "full", "freeze"), "task": ("sft", "pt", "cls", "regression"),
             "precision": ("auto", "bf16", "fp16", "fp32"), "quant": ("none", "int4", "nf4"),
             "prompt_init": ("text", "vocab", "random"), "dtype": ("bfloat16", "float16", "float32"),
+            "template": TEMPLATES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

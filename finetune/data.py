@@ -189,6 +189,8 @@ def load_examples(path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list[Exa
     for where, row in rows:
         try:
             ex = make_example(row, fmt, tokenizer, cfg, label_names)
+        except LlamaInputError:
+            raise  # a bad setting (e.g. the template), not a bad row
         except (KeyError, TypeError, ValueError) as e:
             missing = f"missing {e}" if isinstance(e, KeyError) else str(e)
             report(f"{where}: {missing}", cfg.strict)
@@ -236,8 +238,9 @@ def make_example(row: dict, fmt: str, tokenizer: Tokenizer, cfg: DataConfig, lab
 
 def split_long(ex: Example, cutoff_len: int) -> list[Example]:
     """pt: a long text becomes several rows of cutoff_len tokens rather than being cut."""
-    return [Example(ex.ids[i:i + cutoff_len], ex.labels[i:i + cutoff_len]) for i in range(0, len(ex.ids), cutoff_len)
-            if len(ex.ids[i:i + cutoff_len]) > 1]
+    chunks = [ex.ids[i:i + cutoff_len] for i in range(0, len(ex.ids), cutoff_len)]
+    # each chunk is a row of its own: its first token has nothing before it to be predicted from
+    return [Example(ids, [IGNORE] + ids[1:]) for ids in chunks if len(ids) > 1]
 
 
 def pack(examples: list[Example], cutoff_len: int) -> list[list[Example]]:

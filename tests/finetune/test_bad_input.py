@@ -119,18 +119,12 @@ def test_invalid_choice_through_main(tmp_path, ckpt, capsys):
     assert "method" in msg and "qlora" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="ft_main.py:38 `except TrainingDiverged` names a local that only the import at "
-                   "ft_main.py:28 binds; argparse's SystemExit for a flag without its value hits that clause first "
-                   "and turns into UnboundLocalError")
 def test_flag_without_value_exits_2(tmp_path, ckpt, capsys):
     with pytest.raises(SystemExit) as e:
         ft_main.main(["--config", base_config(tmp_path, ckpt), "--lr"])
     assert e.value.code == 2
 
 
-@pytest.mark.xfail(strict=True, reason="finetune/data.py:192 catches ValueError around make_example and LlamaInputError "
-                   "is a ValueError, so render's 'unknown template' error is demoted to a per-row skip warning and "
-                   "the run stops with a misleading 'no usable rows'; TrainConfig.check does not validate template")
 def test_unknown_template_names_it(tmp_path, ckpt, capsys):
     rc, _, err = run_main(["--config", base_config(tmp_path, ckpt), "--template", "chatml"], capsys)
     assert rc == 2

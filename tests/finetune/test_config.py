@@ -212,9 +212,6 @@ def test_help_lists_every_key(help_run):
         assert group in out
 
 
-@pytest.mark.xfail(strict=True, reason="ft_main.py:38 `except TrainingDiverged` names a local bound only by the import "
-                   "at ft_main.py:28, inside the same try; argparse's SystemExit(0) from --help reaches that clause "
-                   "first and becomes UnboundLocalError, so --help exits 1 with a traceback")
 def test_help_returns_0_without_a_traceback(help_run):
     assert help_run.returncode == 0, help_run.stderr
     assert "Traceback" not in help_run.stderr

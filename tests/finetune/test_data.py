@@ -170,9 +170,6 @@ def test_plain_template(tmp_path, exact_tok):
     assert runs(ex, exact_tok) == [(BOS, False), ("The red cat\n", False), ("sees the dog.", True), (EOS, True)]
 
 
-@pytest.mark.xfail(strict=True, reason="finetune/data.py load_examples catches ValueError around make_example, and "
-                   "LlamaInputError is a ValueError: render's 'unknown template' error becomes a per-row skip "
-                   "warning and the run ends with a misleading 'no usable rows'")
 def test_unknown_template_is_an_input_error(tmp_path, exact_tok):
     from llama.errors import LlamaInputError
 
@@ -280,8 +277,8 @@ def test_pt_splits_long_texts_into_chunks(tmp_path, tok, cutoff):
     joined = [t for c in chunks for t in c.ids]
     expected = full[:-1] if len(full) % cutoff == 1 else full  # a lone last token has nothing to predict
     assert joined == expected
-    # every token but a chunk's first is a target (labels[0] of later chunks: see the xfail tests below)
-    assert chunks[0].labels[0] == IGNORE
+    # every token but a chunk's first is a target: each chunk is trained as a row of its own
+    assert all(c.labels[0] == IGNORE for c in chunks)
     assert all(c.labels[1:] == c.ids[1:] for c in chunks)
 
 
@@ -360,12 +357,6 @@ def test_left_padded_batch_gives_each_sample_its_own_loss(tmp_path, tok):
                        - lm_loss_sum(alone, torch.tensor([ex.labels]))[0]) <= 1e-5
 
 
-PT_SPLIT_REASON = ("finetune/data.py:239 split_long copies the text's labels into every chunk, so a chunk after the "
-                   "first has a real token id as labels[0]; collate (data.py:272) left-pads it and lm_loss_sum then "
-                   "counts the pad slot (or, packed, the previous sample's last slot) predicting that token: an extra "
-                   "loss term and target that running the chunk alone does not have. labels[0] should be IGNORE")
-
-
 def pt_chunks(tmp_path, tok, cutoff=15):
     text = " ".join(corpus(8, seed=5))
     examples, _ = load(tmp_path, [{"text": text}], tok, task="pt", cutoff_len=cutoff)
@@ -377,7 +368,6 @@ def alone_loss(model, ex):
     return lm_loss_sum(model(torch.tensor([ex.ids])), torch.tensor([ex.labels]))
 
 
-@pytest.mark.xfail(strict=True, reason=PT_SPLIT_REASON)
 def test_pt_left_padded_batch_gives_each_chunk_its_own_loss(tmp_path, tok):
     model = boosted_model()
     examples = pt_chunks(tmp_path, tok)
@@ -390,7 +380,6 @@ def test_pt_left_padded_batch_gives_each_chunk_its_own_loss(tmp_path, tok):
     assert abs(total.item() - sum(loss.item() for loss, _ in parts)) <= 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason=PT_SPLIT_REASON)
 def test_pt_packing_gives_the_same_loss_as_unpacked(tmp_path, tok):
     model = boosted_model()
     examples = pt_chunks(tmp_path, tok)
