@@ -121,7 +121,9 @@ def peft_config(cfg, n_virtual: int = 0, dim: int = 0, n_layers: int = 0, n_head
         init = {"text": "TEXT", "vocab": "SAMPLE_VOCAB", "random": "RANDOM"}[cfg.prompt_init]
         return {**common, "peft_type": "PROMPT_TUNING", "num_virtual_tokens": n_virtual, "token_dim": dim,
                 "num_transformer_submodules": 1, "num_attention_heads": n_heads, "num_layers": n_layers,
-                "prompt_tuning_init": init, "prompt_tuning_init_text": cfg.prompt_init_text if init == "TEXT" else None}
+                "prompt_tuning_init": init, "prompt_tuning_init_text": cfg.prompt_init_text if init == "TEXT" else None,
+                # PEFT insists on a tokenizer for TEXT init, though in inference mode it never loads it
+                "tokenizer_name_or_path": cfg.tokenizer_path or cfg.ckpt_dir}
     from finetune.lora import resolve_targets
 
     return {**common, "peft_type": "LORA", "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,

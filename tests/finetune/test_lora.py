@@ -326,7 +326,9 @@ def test_merge_unmerge_and_merged_state_dict():
     for key, value in state.items():
         path = key.removesuffix(".weight")
         layer = lora_layers(model).get(path)
-        expected = plain_state[key] if layer is None else plain_state[key] + layer.lora_B.weight @ layer.lora_A.weight * layer.scaling
+        expected = plain_state[key]
+        if layer is not None:
+            expected = expected + layer.lora_B.weight @ layer.lora_A.weight * layer.scaling
         torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=key)
         assert value.dtype == plain_state[key].dtype
     fresh = Transformer(args)
@@ -376,7 +378,8 @@ def test_saved_adapter_loads_into_peft_and_back(tmp_path, tokenizer_path, n_kv_h
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     assert tensors[key].shape == (4, args.dim)
     assert tensors[key.replace("lora_A", "lora_B")].shape == (args.n_heads * args.head_dim, 4)
-    assert tensors[key.replace("q_proj", "k_proj").replace("lora_A", "lora_B")].shape == (args.n_kv_heads * args.head_dim, 4)
+    k_b = key.replace("q_proj", "k_proj").replace("lora_A", "lora_B")
+    assert tensors[k_b].shape == (args.n_kv_heads * args.head_dim, 4)
     torch.manual_seed(0)
     reference = get_peft_model(hf_from_ours(make_ours(args, seed=11)),
                                LoraConfig(r=4, lora_alpha=8, target_modules=ALL_HF, use_rslora=rslora))
@@ -401,7 +404,8 @@ def test_saved_adapter_loads_into_peft_and_back(tmp_path, tokenizer_path, n_kv_h
     assert len(lora_layers(fresh)) == 7 * args.n_layers
     for path, layer in lora_layers(fresh).items():
         src = lora_layers(task_model.model)[path]
-        assert torch.equal(layer.lora_A.weight, src.lora_A.weight) and torch.equal(layer.lora_B.weight, src.lora_B.weight)
+        assert torch.equal(layer.lora_A.weight, src.lora_A.weight)
+        assert torch.equal(layer.lora_B.weight, src.lora_B.weight)
         assert layer.scaling == src.scaling
     with torch.no_grad():
         torch.testing.assert_close(fresh(tokens), ours_logits, atol=0, rtol=0)

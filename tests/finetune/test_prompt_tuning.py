@@ -243,9 +243,5 @@ def test_prompt_adapter_loads_into_peft(tmp_path, tokenizer, how):
     _peft_logits_check(tmp_path, tokenizer, how)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "finetune/adapters.py peft_config (prompt branch, lines 121-125) writes prompt_tuning_init 'TEXT' without "
-    "tokenizer_name_or_path; PEFT's PromptTuningConfig.__post_init__ rejects that, so PEFT cannot load an "
-    "adapter trained with the default prompt_init = 'text'"))
 def test_text_init_prompt_adapter_loads_into_peft(tmp_path, tokenizer):
     _peft_logits_check(tmp_path, tokenizer, "text")
