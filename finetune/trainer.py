@@ -67,9 +67,9 @@ def train(cfg: TrainConfig) -> dict:
         eval_items, _ = load_examples(cfg.eval_file, tokenizer, DataConfig(**{**data_cfg.__dict__, "label_names": tuple(label_names)}))
     else:  # hold out a fixed slice of the training data
         n_eval = max(1, int(len(train_items) * cfg.eval_split)) if len(train_items) > 1 else 0
-        held = torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed))[:n_eval].tolist()
+        held = set(torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed))[:n_eval].tolist())
         eval_items = [train_items[i] for i in sorted(held)]
-        train_items = [ex for i, ex in enumerate(train_items) if i not in set(held)]
+        train_items = [ex for i, ex in enumerate(train_items) if i not in held]
     rows = pack(train_items, cfg.cutoff_len) if cfg.packing else train_items
 
     torch.manual_seed(cfg.seed)  # the same adapter init on every rank

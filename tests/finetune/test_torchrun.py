@@ -1,0 +1,198 @@
+"""ft_main.py under `torchrun --nproc_per_node 2` (gloo, CPU) against one process: data parallel
+(2 x micro-batch 2 = 1 x 4, with and without gradient accumulation), tensor parallel on a
+split_model.py checkpoint (LoRA on every linear with GQA, prompt tuning, full fine-tuning), and
+resuming a 2-process run from its checkpoint."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune.config import TrainConfig
+from finetune.trainer import train
+from llama.tiny import random_model
+from llama.checkpoint import save_checkpoint
+from tests.conftest import ROOT, tiny_args
+
+DEMO_TRAIN, DEMO_EVAL = ROOT / "data" / "demo" / "train.jsonl", ROOT / "data" / "demo" / "eval.jsonl"
+COLUMN, ROW = ("wq", "wk", "wv", "w1", "w3", "output"), ("wo", "w2", "tok_embeddings")  # fairscale layout
+
+COMMON = dict(dtype="float32", device="cpu", method="lora", task="sft", train_file=str(DEMO_TRAIN),
+              eval_file=str(DEMO_EVAL), template="plain", cutoff_len=64, seed=0, lr=1e-2, warmup_steps=0,
+              lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_targets=["all-linear"], num_virtual_tokens=6,
+              shuffle=True, max_steps=6, eval_every=3, save_every=0, exact_match_samples=0, epochs=1.0,
+              precision="fp32", adam_eps=1e-6)
+# adam_eps 1e-6 rather than 1e-8: Adam divides by sqrt(v) + eps, so a weight whose gradient is ~0
+# turns float32 summation-order noise (1e-7) into an update of up to lr; a larger eps damps that
+# without hiding real differences (a wrong gradient scale still shows in grad_norm and the loss)
+
+
+def write_ckpt(folder, args, tokenizer_path, seed: int):
+    save_checkpoint(random_model(args, seed=seed), folder)
+    shutil.copy(tokenizer_path, folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mha_ckpt(tmp_path_factory, tokenizer_path):
+    return write_ckpt(tmp_path_factory.mktemp("mha"), tiny_args(), tokenizer_path, seed=1)
+
+
+@pytest.fixture(scope="module")
+def gqa_ckpts(tmp_path_factory, tokenizer_path):
+    """(whole, split in 2 by split_model.py) GQA checkpoints: 4 query heads, 2 kv heads."""
+    whole = write_ckpt(tmp_path_factory.mktemp("gqa"), tiny_args(n_kv_heads=2), tokenizer_path, seed=2)
+    split = whole.parent / (whole.name + "_tp2")
+    result = run([sys.executable, "split_model.py", "--n", "2", "--ckpt_dir", str(whole), "--out", str(split),
+                  "--quiet"])
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in split.glob("consolidated.*")) == ["consolidated.00.safetensors",
+                                                                     "consolidated.01.safetensors"]
+    if not (split / "tokenizer.model").is_file():
+        shutil.copy(tokenizer_path, split / "tokenizer.model")
+    return whole, split
+
+
+def run(cmd, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def torchrun(ckpt, out_dir, **kw):
+    """ft_main.py on 2 processes with COMMON + kw as command-line keys; returns the completed run."""
+    values = {**COMMON, "ckpt_dir": str(ckpt), "out_dir": str(out_dir), **kw}
+    flags = [x for k, v in values.items() for x in (f"--{k}", ",".join(map(str, v)) if isinstance(v, list) else str(v))]
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  str(ROOT / "ft_main.py")] + flags)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def one_process(ckpt, out_dir, **kw) -> dict:
+    return train(TrainConfig(**{**COMMON, "ckpt_dir": str(ckpt), "out_dir": str(out_dir), **kw}).check())
+
+
+def metrics(out_dir) -> dict:
+    """{(step, 'train'|'eval'): record} from metrics.jsonl; a step logged twice fails."""
+    out = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        key = (r["step"], "eval" if "eval_loss" in r else "train")
+        assert key not in out, f"{key} logged twice"
+        out[key] = r
+    return out
+
+
+def assert_same_run(got_dir, want_dir, tol, steps=None, names=("loss", "grad_norm", "lr", "eval_loss")):
+    got, want = metrics(got_dir), metrics(want_dir)
+    keys = sorted(k for k in want if steps is None or k[0] in steps)
+    assert sorted(k for k in got if steps is None or k[0] in steps) == keys
+    assert len(keys) >= 2
+    for key in keys:
+        for name in names:
+            if name in want[key]:
+                assert got[key][name] == pytest.approx(want[key][name], rel=tol, abs=tol), (key, name)
+
+
+def assert_same_tensors(a: dict, b: dict, tol) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=tol, msg=k)
+
+
+def adapter(out_dir) -> dict:
+    return load_file(str(out_dir / "adapter" / "adapter_model.safetensors"))
+
+
+# --- data parallel -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_data_parallel_matches_one_process(mha_ckpt, tmp_path, grad_accum):
+    """2 processes x micro-batch 2 follow 1 process x micro-batch 4 step for step: each step's
+    loss is the mean over all its target tokens, whatever the split."""
+    dp = tmp_path / "dp"
+    result = torchrun(mha_ckpt, dp, micro_batch_size=2, grad_accum=grad_accum)
+    assert "tensor-parallel 1 x data-parallel 2" in result.stdout
+    one_process(mha_ckpt, tmp_path / "one", micro_batch_size=4, grad_accum=grad_accum)
+    assert_same_run(dp, tmp_path / "one", tol=1e-5)
+    assert len([k for k in metrics(dp) if k[1] == "train"]) == COMMON["max_steps"]
+    assert_same_tensors(adapter(dp), adapter(tmp_path / "one"), tol=3e-5)
+    # only rank 0 writes: one checkpoint folder with each rank's state, nothing partial
+    ckpts = sorted(p.name for p in (dp / "checkpoints").iterdir())
+    assert ckpts == ["step_000006"]
+    assert sorted(p.name for p in (dp / "checkpoints" / "step_000006").glob("rank*")) == \
+        ["rank0.json", "rank0.safetensors", "rank1.json", "rank1.safetensors"]
+
+
+def test_two_process_run_resumes_identically(mha_ckpt, tmp_path):
+    """A 2-process run with LoRA dropout (per-rank RNG streams), resumed on 2 processes from its
+    step-3 checkpoint, logs steps 4-6 and ends with the adapter of the uninterrupted run."""
+    kw = dict(micro_batch_size=2, grad_accum=2, lora_dropout=0.1, save_every=3, keep_last=5, eval_every=1)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    torchrun(mha_ckpt, whole, **kw)
+    step3 = whole / "checkpoints" / "step_000003"
+    assert step3.is_dir()
+    result = torchrun(mha_ckpt, resumed, resume=str(step3), **kw)
+    assert f"resumed from {step3} at step 3" in result.stdout
+    assert sorted(k[0] for k in metrics(resumed)) == [4, 4, 5, 5, 6, 6]
+    assert_same_run(resumed, whole, tol=1e-6, steps={4, 5, 6})
+    assert_same_tensors(adapter(resumed), adapter(whole), tol=1e-6)
+    # dropout was on: a run from the same checkpoint without restoring each rank's RNG differs
+    # (guards the test itself: with dropout inert the comparison above would be vacuous)
+    no_dropout = tmp_path / "no_dropout"
+    one_process(mha_ckpt, no_dropout, micro_batch_size=4, grad_accum=2, lora_dropout=0.0, save_every=3,
+                keep_last=5, eval_every=1)
+    assert metrics(no_dropout)[(4, "train")]["loss"] != pytest.approx(metrics(whole)[(4, "train")]["loss"], rel=1e-4)
+
+
+# --- tensor parallel ---------------------------------------------------------------------------
+
+
+def merge_shards(folder) -> dict:
+    """Our fairscale-layout shards -> whole tensors (written here, independently of the package)."""
+    parts = [load_file(str(folder / f"consolidated.{r:02d}.safetensors")) for r in range(2)]
+    whole = {}
+    for key in parts[0]:
+        name = key.split(".")[-2]
+        dim = 0 if name in COLUMN else 1 if name in ROW else None
+        whole[key] = parts[0][key] if dim is None else torch.cat([p[key] for p in parts], dim)
+        if dim is None:
+            torch.testing.assert_close(parts[1][key], parts[0][key], rtol=0, atol=0)
+    return whole
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt", "full"])
+def test_tensor_parallel_matches_one_process(gqa_ckpts, tmp_path, method):
+    whole, split = gqa_ckpts
+    kw = dict(method=method, micro_batch_size=4, lr=3e-2 if method == "prompt" else 1e-2 if method == "lora" else 2e-3)
+    tp = tmp_path / "tp"
+    result = torchrun(split, tp, save_every=3, **kw)
+    assert "tensor-parallel 2 x data-parallel 1" in result.stdout
+    one_process(whole, tmp_path / "one", save_every=3, **kw)
+    assert_same_run(tp, tmp_path / "one", tol=1e-4)
+    losses = [r["loss"] for k, r in sorted(metrics(tp).items()) if k[1] == "train"]
+    assert losses[-1] < losses[0]
+    if method == "full":
+        got = merge_shards(tp / "model")
+        want = load_file(str(tmp_path / "one" / "model" / "consolidated.00.safetensors"))
+        assert_same_tensors(got, want, tol=1e-5)
+        base = load_file(str(whole / "consolidated.00.safetensors"))
+        assert (got["layers.0.attention.wk.weight"] - base["layers.0.attention.wk.weight"]).abs().max() > 1e-4
+    else:
+        got, want = adapter(tp), adapter(tmp_path / "one")
+        assert_same_tensors(got, want, tol=1e-5)
+        if method == "lora":  # every linear of both layers, whole (gathered) shapes
+            assert len(got) == 2 * 7 * 2
+            assert got["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (32, 4)
+            assert got["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (4, 192)  # ffn 192
+            # resuming tensor-parallel: each rank reloads its own shard of the adapter and its moments
+            step3 = tp / "checkpoints" / "step_000003"
+            result = torchrun(split, tmp_path / "resumed", save_every=3, resume=str(step3), **kw)
+            assert f"resumed from {step3} at step 3" in result.stdout
+            assert_same_run(tmp_path / "resumed", tp, tol=1e-6, steps={4, 5, 6})
+            assert_same_tensors(adapter(tmp_path / "resumed"), got, tol=1e-6)
