@@ -77,9 +77,10 @@ def test_shard_count_mismatch_names_split_model(tmp_path, tokenizer_path):
     assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
 
 
-def test_no_checkpoint_explains_how_to_get_one():
-    if (ROOT / "ckpts" / "demo" / "params.json").exists():
-        pytest.skip("the demo model is built here")
-    result = run([sys.executable, "example.py"])
-    assert result.returncode != 0
-    assert "python -m llama.tiny" in result.stderr
+def test_no_checkpoint_explains_how_to_get_one(tmp_path, monkeypatch, capsys):
+    import example
+
+    monkeypatch.setattr(example, "DEMO_CKPT", tmp_path / "no_demo_here")
+    assert example.main([]) == 2
+    err = capsys.readouterr().err
+    assert "python ft_main.py" in err and "python -m llama.tiny" in err
