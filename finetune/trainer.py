@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,6 +43,8 @@ class TrainingDiverged(RuntimeError):
 def train(cfg: TrainConfig) -> dict:
     """Run cfg to the end (or resume it). Returns the final metrics (identical on every rank)."""
     # --- processes, model, method ------------------------------------------------------------
+    if cfg.quant != "none":
+        raise LlamaInputError(f"quant = {cfg.quant!r} needs the quant/ package (int4/NF4 bases), which this build lacks")
     shards = 1 if detect_format(cfg.ckpt_dir) == "hf" else len(shard_files(cfg.ckpt_dir))
     devices = resolve_devices(cfg.devices) if cfg.devices else None
     rank, world, device = setup_model_parallel("cpu" if devices else (cfg.device or None),
@@ -49,8 +52,6 @@ def train(cfg: TrainConfig) -> dict:
     tp = shards if world > 1 and shards > 1 else 1
     dp, dp_rank, dp_group = world // tp, rank // tp, data_parallel_group()
     say = print if rank == 0 else (lambda *a, **k: None)
-    if cfg.quant != "none":
-        raise LlamaInputError(f"quant = {cfg.quant!r} needs the quant/ package (int4/NF4 bases), which this build lacks")
 
     args = read_model_args(cfg.ckpt_dir)
     tokenizer = Tokenizer(cfg.tokenizer_path or find_tokenizer(cfg.ckpt_dir))
@@ -64,7 +65,7 @@ def train(cfg: TrainConfig) -> dict:
     data_cfg = DataConfig(cfg.task, cfg.template, cfg.train_on_prompt, cfg.cutoff_len, cfg.strict, tuple(cfg.label_names))
     train_items, label_names = load_examples(cfg.train_file, tokenizer, data_cfg)
     if cfg.eval_file:
-        eval_items, _ = load_examples(cfg.eval_file, tokenizer, DataConfig(**{**data_cfg.__dict__, "label_names": tuple(label_names)}))
+        eval_items, _ = load_examples(cfg.eval_file, tokenizer, replace(data_cfg, label_names=tuple(label_names)))
     else:  # hold out a fixed slice of the training data
         n_eval = max(1, int(len(train_items) * cfg.eval_split)) if len(train_items) > 1 else 0
         held = set(torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed))[:n_eval].tolist())
