@@ -49,6 +49,7 @@ def attach(model: Transformer, cfg, tokenizer: Tokenizer, num_labels: int = 0) -
                 p.requires_grad_(True)
     head = None
     if cfg.task in SCORE_TASKS:
+        model.output.requires_grad_(False)  # a score head replaces it (and DDP rejects unused parameters)
         dev = task_norm_device(model)
         head = ScoreHead(model.args.dim, num_labels if cfg.task == "cls" else 1, device=dev)
     task_model = TaskModel(model, cfg.task, head)

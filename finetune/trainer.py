@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from llama.checkpoint import detect_format, load_model, read_model_args, save_checkpoint, shard_files
 from llama.errors import LlamaInputError
+from llama.files import atomic_write_bytes
 from llama.generation import check_vocab, find_tokenizer, parse_dtype
 from llama.parallel import (data_parallel_group, device_shares, model_parallel_rank, place_layers,
                             resolve_devices, setup_model_parallel)
@@ -172,7 +173,12 @@ def train(cfg: TrainConfig) -> dict:
             scaler.unscale_(optimizer)
         grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
-        if scaler:
+        if not math.isfinite(grad_norm):
+            # fp16 overflow: the norm is global, so every rank skips alike (a GradScaler looks only at
+            # its own rank's shards, and tensor-parallel peers would drift apart)
+            if scaler:
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        elif scaler:
             scaler.step(optimizer)
             scaler.update()
         else:
@@ -196,6 +202,8 @@ def train(cfg: TrainConfig) -> dict:
         if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
             save(done)
     bar.close()
+    if start >= total_steps and eval_items:  # resumed a finished run: report its metrics again
+        results.update(evaluate())
 
     # --- outputs -----------------------------------------------------------------------------
     final = out_dir / ("adapter" if cfg.method in ("lora", "prompt") else "model")
@@ -257,7 +265,7 @@ def keep_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())
 
 
 def read_losses(path: Path) -> tuple[list, list]:

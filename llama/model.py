@@ -218,4 +218,5 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h.to(dev), start_pos, *per_device[dev], use_reentrant=False)
             else:
                 h = layer(h.to(dev), start_pos, *per_device[dev])
-        return self.norm(h.to(self.norm.weight.device))
+        # frozen norm/output may be 16-bit after float32 trained blocks (freeze tuning)
+        return self.norm(h.to(self.norm.weight.device, self.norm.weight.dtype))

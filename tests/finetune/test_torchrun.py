@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.config import TrainConfig
+from finetune.demo import FACTS
 from finetune.trainer import train
 from llama.tiny import random_model
 from llama.checkpoint import save_checkpoint
@@ -196,3 +197,15 @@ def test_tensor_parallel_matches_one_process(gqa_ckpts, tmp_path, method):
             assert f"resumed from {step3} at step 3" in result.stdout
             assert_same_run(tmp_path / "resumed", tp, tol=1e-6, steps={4, 5, 6})
             assert_same_tensors(adapter(tmp_path / "resumed"), got, tol=1e-6)
+
+
+def test_full_fine_tuning_with_a_score_head_under_ddp(mha_ckpt, tmp_path):
+    """cls with method full: the LM output layer is unused, so it must not be trainable, or DDP
+    stops at the second step waiting for its gradient. Same steps as one process."""
+    rows = [{"text": f"The {obj}", "label": color} for obj, (color, _) in FACTS.items()]
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kw = dict(method="full", task="cls", train_file=str(data), eval_file="", eval_split=0.2, lr=1e-3, max_steps=4)
+    torchrun(mha_ckpt, tmp_path / "dp", micro_batch_size=2, **kw)
+    one_process(mha_ckpt, tmp_path / "one", micro_batch_size=4, **kw)
+    assert_same_run(tmp_path / "dp", tmp_path / "one", tol=1e-5)

@@ -371,3 +371,19 @@ def test_embedded_demo_and_example_with_its_adapter(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr
     assert "> green" in gen.stdout and "> ocean" in gen.stdout, gen.stdout
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_freeze_on_a_16_bit_base_without_autocast(base_ckpt, tmp_path, dtype):
+    """freeze trains float32 blocks between 16-bit frozen ones (and a 16-bit output layer) in plain
+    fp32 precision: the dtypes must meet without autocast."""
+    result = train(config(base_ckpt, tmp_path, method="freeze", dtype=dtype, precision="fp32", max_steps=10, lr=1e-2))
+    losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
+    assert all(math.isfinite(x) for x in losses) and math.isfinite(result["eval_loss"])
+    assert losses[-1] < losses[0]
+
+
+def test_resuming_a_finished_run_reports_its_eval(base_ckpt, tmp_path):
+    first = train(config(base_ckpt, tmp_path, max_steps=4, save_every=2))
+    again = train(config(base_ckpt, tmp_path, max_steps=4, save_every=2))
+    assert again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
