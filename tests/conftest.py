@@ -12,6 +12,14 @@ from llama.tiny import train_tokenizer  # noqa: E402
 
 TOKENIZER_VOCAB = 384
 
+# HF LlamaForCausalLM's names for our per-layer weights, written from REFERENCE.md for the tests'
+# own converters (independent of llama/checkpoint.py's table)
+HF_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+
 
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> Path:

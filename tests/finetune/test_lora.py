@@ -24,7 +24,7 @@ from finetune.lora import LoRALinear, apply_lora, lora_layers, resolve_targets, 
 from llama.errors import LlamaInputError  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
-from tests.conftest import tiny_args  # noqa: E402
+from tests.conftest import HF_LAYER_NAMES, tiny_args  # noqa: E402
 
 HF_NAME = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
            "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -69,17 +69,11 @@ def make_ours(args, seed: int = 0) -> Transformer:
 def hf_state_from_ours(state: dict, args) -> dict:
     out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
            "lm_head.weight": state["output.weight"]}
+    rope_heads = {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}
     for i in range(args.n_layers):
-        hf, ours = f"model.layers.{i}.", f"layers.{i}."
-        out[hf + "self_attn.q_proj.weight"] = meta_to_hf_rows(state[ours + "attention.wq.weight"], args.n_heads)
-        out[hf + "self_attn.k_proj.weight"] = meta_to_hf_rows(state[ours + "attention.wk.weight"], args.n_kv_heads)
-        out[hf + "self_attn.v_proj.weight"] = state[ours + "attention.wv.weight"]
-        out[hf + "self_attn.o_proj.weight"] = state[ours + "attention.wo.weight"]
-        out[hf + "mlp.gate_proj.weight"] = state[ours + "feed_forward.w1.weight"]
-        out[hf + "mlp.down_proj.weight"] = state[ours + "feed_forward.w2.weight"]
-        out[hf + "mlp.up_proj.weight"] = state[ours + "feed_forward.w3.weight"]
-        out[hf + "input_layernorm.weight"] = state[ours + "attention_norm.weight"]
-        out[hf + "post_attention_layernorm.weight"] = state[ours + "ffn_norm.weight"]
+        for ours, hf in HF_LAYER_NAMES.items():
+            w = state[f"layers.{i}.{ours}.weight"]
+            out[f"model.layers.{i}.{hf}.weight"] = meta_to_hf_rows(w, rope_heads[ours]) if ours in rope_heads else w
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 

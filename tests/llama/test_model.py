@@ -19,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from llama.checkpoint import detect_format, load_model, read_model_args  # noqa: E402
 from llama.model import rope_frequencies  # noqa: E402
+from tests.conftest import HF_LAYER_NAMES  # noqa: E402
 
 DIM, N_LAYERS, N_HEADS, VOCAB, SEQ = 64, 2, 4, 384, 40
 NORM_EPS = 1e-5
@@ -114,17 +115,11 @@ def hf_state_to_meta(sd: dict, n_layers: int, n_heads: int, n_kv_heads: int) -> 
         "norm.weight": sd["model.norm.weight"],
         "output.weight": sd.get("lm_head.weight", embed),
     }
+    rope_heads = {"attention.wq": n_heads, "attention.wk": n_kv_heads}
     for i in range(n_layers):
-        hf, meta = f"model.layers.{i}.", f"layers.{i}."
-        out[meta + "attention.wq.weight"] = _hf_to_meta_rows(sd[hf + "self_attn.q_proj.weight"], n_heads)
-        out[meta + "attention.wk.weight"] = _hf_to_meta_rows(sd[hf + "self_attn.k_proj.weight"], n_kv_heads)
-        out[meta + "attention.wv.weight"] = sd[hf + "self_attn.v_proj.weight"]
-        out[meta + "attention.wo.weight"] = sd[hf + "self_attn.o_proj.weight"]
-        out[meta + "feed_forward.w1.weight"] = sd[hf + "mlp.gate_proj.weight"]
-        out[meta + "feed_forward.w2.weight"] = sd[hf + "mlp.down_proj.weight"]
-        out[meta + "feed_forward.w3.weight"] = sd[hf + "mlp.up_proj.weight"]
-        out[meta + "attention_norm.weight"] = sd[hf + "input_layernorm.weight"]
-        out[meta + "ffn_norm.weight"] = sd[hf + "post_attention_layernorm.weight"]
+        for meta, hf in HF_LAYER_NAMES.items():
+            w = sd[f"model.layers.{i}.{hf}.weight"]
+            out[f"layers.{i}.{meta}.weight"] = _hf_to_meta_rows(w, rope_heads[meta]) if meta in rope_heads else w
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
