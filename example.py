@@ -50,10 +50,7 @@ def read_prompts(args) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise LlamaInputError(f"{path}: prompts file not found")
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
-        if path.suffix == ".jsonl":  # the demo's questions: the instruction of each row
-            lines = [json.loads(line)["instruction"] for line in lines[:4]]
-        prompts += lines
+        prompts += [line for line in path.read_text().splitlines() if line.strip()]
     return prompts or DEFAULT_PROMPTS
 
 
@@ -73,8 +70,9 @@ def main(argv=None) -> int:
         args.ckpt_dir = str(DEMO_CKPT)
         if args.adapter is None and (DEMO_ADAPTER / "adapter_config.json").is_file():
             args.adapter = str(DEMO_ADAPTER)
-            if not args.prompt and not args.prompts_file:
-                args.prompts_file = str(DEMO_QUESTIONS)
+            if not args.prompt and not args.prompts_file:  # the first few held-out demo questions
+                rows = DEMO_QUESTIONS.read_text().splitlines()[:4]
+                args.prompt = [json.loads(row)["instruction"] for row in rows]
 
     from finetune.data import prompt_for
     from llama.generation import Llama  # after argument parsing, so --help is instant

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llama.checkpoint import meta_to_hf_key, permute_rope_rows, save_checkpoint, save_safetensors, unpermute_rope_rows
+from llama.checkpoint import (meta_to_hf_key, permute_rope_rows, save_checkpoint, save_safetensors, split_dim,
+                              unpermute_rope_rows)
 from llama.errors import LlamaInputError
 from llama.files import atomic_write_bytes
 from llama.model import Transformer
@@ -24,7 +25,6 @@ from finetune.prompt_tuning import PromptTuning, init_prompt
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-_SPLIT_LAYERS = {"ColumnParallelLinear": 0, "RowParallelLinear": 1, "ParallelEmbedding": 1}
 
 
 def attach(model: Transformer, cfg, tokenizer: Tokenizer, num_labels: int = 0) -> TaskModel:
@@ -53,7 +53,7 @@ def attach(model: Transformer, cfg, tokenizer: Tokenizer, num_labels: int = 0) -
         dev = task_norm_device(model)
         head = ScoreHead(model.args.dim, num_labels if cfg.task == "cls" else 1, device=dev)
     task_model = TaskModel(model, cfg.task, head)
-    mark_split_params(task_model)
+    mark_split_params(task_model.transformer)
     return task_model
 
 
@@ -62,15 +62,21 @@ def task_norm_device(model) -> torch.device:
     return (model.model if isinstance(model, PromptTuning) else model).norm.weight.device
 
 
-def mark_split_params(module: nn.Module) -> None:
+def mark_split_params(model: Transformer) -> None:
     """Tag each parameter split across tensor-parallel ranks with the dim it is split on
-    (`p.tp_split_dim`), for the gradient norm and for gathering on save."""
-    for m in module.modules():
-        if isinstance(m, LoRALinear) and m.kind is not None:
-            split = m.lora_B.weight if m.kind == "column" else m.lora_A.weight
-            split.tp_split_dim = 0 if m.kind == "column" else 1
-        elif type(m).__name__ in _SPLIT_LAYERS and model_parallel_size() > 1:
-            m.weight.tp_split_dim = _SPLIT_LAYERS[type(m).__name__]
+    (`p.tp_split_dim`), for the gradient norm and for gathering on save: base weights by the
+    checkpoint's split table, LoRA weights by the kind of layer they adapt."""
+    if model_parallel_size() == 1:
+        return
+    for name, p in model.named_parameters():
+        dim = split_dim(name.replace(".base.", "."))  # a LoRA-wrapped base keeps its checkpoint key
+        if dim is not None:
+            p.tp_split_dim = dim
+    for layer in lora_layers(model).values():
+        if layer.kind == "column":
+            layer.lora_B.weight.tp_split_dim = 0
+        elif layer.kind == "row":
+            layer.lora_A.weight.tp_split_dim = 1
 
 
 def gather_split(t: torch.Tensor, dim) -> torch.Tensor:
