@@ -1,6 +1,7 @@
 """Generate text with a LLaMA checkpoint (Meta, HF or ours), on one process or tensor-parallel:
 
     python example.py --ckpt_dir ckpts/tiny --prompt "The red cat"
+    python example.py --ckpt_dir ckpts/7B_int4 --quant int4 --dtype bfloat16 --prompt "The red cat"
     torchrun --nproc_per_node 2 example.py --ckpt_dir ckpts/7B_fs2 --tokenizer_path ckpts/tokenizer.model
 
 A single prompt streams as it is generated; several are batched (left-padded). Only rank 0 prints.
@@ -9,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from llama.errors import LlamaInputError
@@ -34,6 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_gen_len", type=int, default=64, help="most tokens to generate per prompt (default 64)")
     p.add_argument("--max_batch_size", type=int, default=4, help="prompts generated together; more are run in chunks (default 4)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    p.add_argument("--quant", choices=("none", "int4", "nf4"), default="none",
+                   help="base weights: int4 (a GPTQ folder from `python -m quant`, or float weights rounded to "
+                        "nearest on load), nf4 (bitsandbytes), none (as stored; default)")
+    p.add_argument("--group_size", type=int, default=128,
+                   help="--quant int4 on a float checkpoint: input features per scale, -1 per channel (default 128)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu)")
     p.add_argument("--devices", default=None,
                    help="spread layers over devices in one process: cuda:0,cuda:1 or auto (all GPUs, by free memory)")
@@ -77,12 +84,14 @@ def main(argv=None) -> int:
     from finetune.data import prompt_for
     from llama.generation import Llama  # after argument parsing, so --help is instant
     from llama.parallel import shutdown_model_parallel
+    from quant.checkpoint import load_base
 
     try:
         prompts = read_prompts(args)
         generator = Llama.build(
             args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
             dtype=args.dtype, device=args.device, seed=args.seed, devices=args.devices,
+            loader=partial(load_base, quant=args.quant, group_size=args.group_size),
         )
         template = None
         if args.adapter:

@@ -172,14 +172,19 @@ def _is_writer(per_shard: bool = False) -> bool:
     return dist.get_rank() < (model_parallel_size() if per_shard else 1)
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def merged_state_dict(model: nn.Module, quantized_dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
     """A LoRA'd model's weights with each adapter folded into its base weight, under the plain
-    model's names (layers.0.attention.wq.weight), in the base dtype."""
+    model's names (layers.0.attention.wq.weight), in the base dtype. Quantized (int4/NF4) bases
+    are dequantized to `quantized_dtype`, so the result is a plain float checkpoint (re-quantize
+    it with `python -m quant` if wanted)."""
+    quantized = {path: m for path, m in model.named_modules() if hasattr(m, "dequantized_weight")}
     state = {}
     for name, t in model.state_dict().items():
-        if ".lora_A." in name or ".lora_B." in name:
+        if ".lora_A." in name or ".lora_B." in name or any(name.startswith(f"{p}.") for p in quantized):
             continue
         state[name.replace(".base.", ".")] = t
+    for path, layer in quantized.items():
+        state[f"{path.removesuffix('.base')}.weight"] = layer.dequantized_weight(quantized_dtype)
     for path, layer in lora_layers(model).items():
         key = f"{path}.weight"
         state[key] = (state[key].float() + layer.delta_weight().detach()).to(state[key].dtype)

@@ -20,7 +20,9 @@ class TrainConfig:
     ckpt_dir: str = _key("", "base checkpoint folder (Meta, HF or ours; a split checkpoint trains tensor-parallel)", "model")
     tokenizer_path: str = _key("", "sentencepiece tokenizer.model (default: in ckpt_dir or its parent)", "model")
     dtype: str = _key("bfloat16", "dtype of the frozen base weights: bfloat16, float16 or float32", "model")
-    quant: str = _key("none", "base weights quantized to int4 or nf4 (none: as loaded)", "model")
+    quant: str = _key("none", "base weights: int4 (a GPTQ folder as is; float weights rounded to nearest on load), "
+                              "nf4 (bitsandbytes, double quant), or none (as loaded)", "model")
+    quant_group_size: int = _key(128, "int4 on load: input features per scale (must divide every layer's input width); -1 per channel", "model")
     device: str = _key("", "cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu)", "model")
     devices: str = _key("", "spread layers over devices in one process: cuda:0,cuda:1 or auto", "model")
     # [method]

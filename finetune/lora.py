@@ -17,19 +17,11 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from llama.errors import LlamaInputError
-from llama.parallel import model_parallel_rank, model_parallel_size
+from llama.parallel import model_parallel_rank, model_parallel_size, tensor_parallel_kind
 
 # our module names and the HF names users know them by (PEFT's target_modules)
 TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 _FROM_HF = {hf: ours for ours, hf in TARGETS.items()}
-
-
-def tensor_parallel_kind(base: nn.Module):
-    """None for a whole linear, "column" or "row" for one split across tensor-parallel ranks."""
-    if hasattr(base, "tensor_parallel"):
-        return base.tensor_parallel
-    kind = type(base).__name__
-    return {"ColumnParallelLinear": "column", "RowParallelLinear": "row"}.get(kind)
 
 
 class LoRALinear(nn.Module):
@@ -44,7 +36,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         out_local, in_local = base.weight.shape if hasattr(base, "weight") else (base.out_features, base.in_features)
-        device = next(base.parameters(), torch.empty(0)).device
+        device = next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device
         if device.type == "meta":
             device = torch.device("cpu")
         # skip nn.Linear's own init: its random draws depend on the local (split) shape and would
@@ -91,6 +83,8 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into a float base weight (quantized bases export instead)."""
+        if not hasattr(self.base, "weight") or not self.base.weight.is_floating_point():
+            raise LlamaInputError("a LoRA on a quantized base can't be merged in place; export it (merge = true) instead")
         if not self.merged:
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True

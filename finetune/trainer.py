@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from llama.checkpoint import detect_format, load_model, read_model_args, save_checkpoint, shard_files
+from llama.checkpoint import detect_format, read_model_args, save_checkpoint, shard_files
 from llama.errors import LlamaInputError
 from llama.files import atomic_write_bytes
 from llama.generation import check_vocab, find_tokenizer, parse_dtype
@@ -35,6 +35,7 @@ from finetune.data import DataConfig, collate, load_examples, micro_batch, pack
 from finetune.evaluate import all_reduce_sum, eval_metrics, exact_match
 from finetune.plot import plot_losses
 from finetune.state import checkpoints, load_state, save_state
+from quant.checkpoint import load_base
 
 
 class TrainingDiverged(RuntimeError):
@@ -44,8 +45,6 @@ class TrainingDiverged(RuntimeError):
 def train(cfg: TrainConfig) -> dict:
     """Run cfg to the end (or resume it). Returns the final metrics (identical on every rank)."""
     # --- processes, model, method ------------------------------------------------------------
-    if cfg.quant != "none":
-        raise LlamaInputError(f"quant = {cfg.quant!r} needs the quant/ package (int4/NF4 bases), which this build lacks")
     shards = 1 if detect_format(cfg.ckpt_dir) == "hf" else len(shard_files(cfg.ckpt_dir))
     devices = resolve_devices(cfg.devices) if cfg.devices else None
     rank, world, device = setup_model_parallel("cpu" if devices else (cfg.device or None),
@@ -57,7 +56,8 @@ def train(cfg: TrainConfig) -> dict:
     args = read_model_args(cfg.ckpt_dir)
     tokenizer = Tokenizer(cfg.tokenizer_path or find_tokenizer(cfg.ckpt_dir))
     check_vocab(args, tokenizer)
-    model = load_model(cfg.ckpt_dir, args, parse_dtype(cfg.dtype), device, model_parallel_rank(), tp)
+    model = load_base(cfg.ckpt_dir, args, parse_dtype(cfg.dtype), device, model_parallel_rank(), tp,
+                      quant=cfg.quant, group_size=cfg.quant_group_size)
     if devices:
         place_layers(model, devices, device_shares(devices))
         device = devices[0]
@@ -212,7 +212,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.merge and cfg.method == "lora":
         transformer = task_model.transformer
         if rank < tp:  # one writer per tensor-parallel shard
-            save_checkpoint(transformer, out_dir / "merged", merged_state_dict(transformer), rank=model_parallel_rank())
+            merged = merged_state_dict(transformer, parse_dtype(cfg.dtype))
+            save_checkpoint(transformer, out_dir / "merged", merged, rank=model_parallel_rank())
         say(f"wrote {out_dir / 'merged'} (LoRA folded into the base weights)")
     if match_set:
         results["exact_match_after"] = exact_match(task_model, tokenizer, match_set, cfg.max_new_tokens, cfg.micro_batch_size)

@@ -178,6 +178,21 @@ def detect_format(ckpt_dir) -> str:
     return "meta"
 
 
+def quantization_config(ckpt_dir) -> Optional[dict]:
+    """The GPTQ settings of a quantized HF folder (quantize_config.json, or config.json's
+    quantization_config), or None for float weights."""
+    d = Path(ckpt_dir)
+    for path, pick in ((d / "quantize_config.json", lambda c: c), (d / "config.json", lambda c: c.get("quantization_config"))):
+        if path.is_file():
+            try:
+                found = pick(json.loads(path.read_text()))
+            except (json.JSONDecodeError, AttributeError):
+                raise LlamaInputError(f"{path}: not valid JSON") from None
+            if found:
+                return found
+    return None
+
+
 def read_model_args(ckpt_dir) -> ModelArgs:
     d = Path(ckpt_dir)
     if detect_format(d) == "hf":
@@ -284,24 +299,24 @@ def _unpermute_rope_rows_(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 # --- loading ---------------------------------------------------------------------------------
 
 
-def _iter_meta_layout(files: list[Path], mp_rank: int, mp_size: int) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """(key, tensor, file) for this rank: its own shard when there is one per rank, or all
+def _meta_layout_index(files: list[Path], mp_rank: int, mp_size: int) -> dict:
+    """key -> (file, loader) for this rank: its own shard when there is one per rank, or all
     shards concatenated along their split dims when one process loads a sharded checkpoint."""
     if len(files) == mp_size:
         shard = open_tensor_file(files[mp_rank])
-        for key in shard.keys():
-            yield key, shard.get(key), files[mp_rank]
-        return
+        return {key: (files[mp_rank], lambda key=key: shard.get(key)) for key in shard.keys()}
     shards = [open_tensor_file(f) for f in files]
+    index = {}
     for key in shards[0].keys():
         dim = split_dim(key)
         if dim is None or len(shards) == 1:
-            yield key, shards[0].get(key), files[0]
+            index[key] = (files[0], lambda key=key: shards[0].get(key))
             continue
         for f, s in zip(files, shards):
             if key not in s.keys():
                 raise LlamaInputError(f"{f}: tensor {key} is missing")
-        yield key, torch.cat([s.get(key) for s in shards], dim=dim), files[0]
+        index[key] = (files[0], lambda key=key, dim=dim: torch.cat([s.get(key) for s in shards], dim=dim))
+    return index
 
 
 def iter_hf_names(ckpt_dir) -> Iterator[tuple[Path, object, str, str]]:
@@ -317,25 +332,33 @@ def iter_hf_names(ckpt_dir) -> Iterator[tuple[Path, object, str, str]]:
             yield path, f, name, key
 
 
-def _iter_hf(d: Path, args: ModelArgs) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    for path, f, name, key in iter_hf_names(d):
+def hf_loader(f, name: str, key: str, args: ModelArgs):
+    """Reads HF tensor `name` in Meta layout (q/k rows back to interleaved-pair RoPE order)."""
+    def load() -> torch.Tensor:
         t = f.get(name)
         if key.endswith(("attention.wq.weight", "attention.wk.weight")):
             n = args.n_heads if key.endswith("wq.weight") else args.n_kv_heads
             if tuple(t.shape) == (n * args.head_dim, args.dim):  # else load_model reports the shape
                 t = _unpermute_rope_rows_(t.contiguous(), n)
-        yield key, t, path
+        return t
+
+    return load
+
+
+def checkpoint_index(ckpt_dir, args: ModelArgs, mp_rank: int = 0, mp_size: int = 1) -> dict:
+    """meta_key -> (source file, loader) for every tensor this rank needs; nothing is read until
+    a loader is called, so callers can take tensors one at a time and in any order."""
+    d = Path(ckpt_dir)
+    if detect_format(d) == "hf":
+        return {key: (path, hf_loader(f, name, key, args)) for path, f, name, key in iter_hf_names(d)}
+    index = _meta_layout_index(shard_files(d), mp_rank, mp_size)
+    return {key: entry for key, entry in index.items() if not IGNORED_KEYS.search(key)}
 
 
 def iter_checkpoint(ckpt_dir, args: ModelArgs, mp_rank: int = 0, mp_size: int = 1):
     """(meta_key, tensor, source_file) for every tensor this rank needs, one at a time."""
-    d = Path(ckpt_dir)
-    if detect_format(d) == "hf":
-        yield from _iter_hf(d, args)
-    else:
-        for key, t, path in _iter_meta_layout(shard_files(d), mp_rank, mp_size):
-            if not IGNORED_KEYS.search(key):
-                yield key, t, path
+    for key, (path, load) in checkpoint_index(ckpt_dir, args, mp_rank, mp_size).items():
+        yield key, load(), path
 
 
 def check_shard_count(ckpt_dir, mp_size: int) -> None:
@@ -374,6 +397,9 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
 def load_model(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_rank=0, mp_size=1) -> Transformer:
     """Build the model on `meta`, then assign each checkpoint tensor (converted to dtype/device)
     after checking it against the shape the config implies."""
+    if quantization_config(ckpt_dir):
+        raise LlamaInputError(f"{ckpt_dir}: holds quantized (GPTQ) weights; load it with quant = int4 "
+                              f"(ft_main.py) or --quant int4 (example.py)")
     check_shard_count(ckpt_dir, mp_size)
     with torch.device("meta"), _SkipInit():
         model = Transformer(args)

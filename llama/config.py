@@ -120,6 +120,19 @@ class ModelArgs:
             params["hidden_dim"] = None
         return {k: v for k, v in params.items() if v is not None and v is not False}
 
+    def to_hf_config(self) -> dict:
+        """An HF `config.json` for these hyperparameters (the inverse of from_hf_config)."""
+        config = {
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
+            "intermediate_size": self.ffn_hidden_dim, "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu", "torch_dtype": "float16",
+        }
+        if self.rope_scaling:
+            config["rope_scaling"] = dict(self.rope_scaling)
+        return config
+
     def write_params_json(self, path) -> None:
         from llama.files import atomic_write_bytes
 

@@ -13,9 +13,9 @@ def atomic_path(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes files private; checkpoints are ordinary files
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes files private (and writers may recreate it); these are ordinary files
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -79,10 +79,12 @@ class Llama:
         device: Optional[str] = None,
         seed: int = 1,
         devices=None,
+        loader=load_model,
     ) -> "Llama":
         """Load a checkpoint (Meta, HF or ours) and its tokenizer. Under torchrun each rank loads
         its own tensor-parallel shard. `devices` (a list, "cuda:0,cuda:1" or "auto") spreads
-        contiguous layer ranges over several devices in this one process instead."""
+        contiguous layer ranges over several devices in this one process instead. `loader` has
+        load_model's signature (quant.checkpoint.load_base builds int4/NF4 bases)."""
         if devices is not None:
             devices = resolve_devices(devices)
             device = "cpu"  # load (mmap'd) on the host, then move each layer range to its device
@@ -90,7 +92,7 @@ class Llama:
         args = read_model_args(ckpt_dir)
         tokenizer = Tokenizer(tokenizer_path or find_tokenizer(ckpt_dir))
         check_vocab(args, tokenizer)
-        model = load_model(ckpt_dir, args, parse_dtype(dtype), device, rank, world)
+        model = loader(ckpt_dir, args, parse_dtype(dtype), device, rank, world)
         if devices is not None:
             place_layers(model, devices, device_shares(devices))
         model.setup_caches(max_batch_size, max_seq_len)

@@ -77,6 +77,14 @@ def model_parallel_rank() -> int:
     return fs_init.get_model_parallel_rank()
 
 
+def tensor_parallel_kind(layer: nn.Module):
+    """None for a whole linear, "column" or "row" for one split across tensor-parallel ranks:
+    fairscale's layers by class, others (quantized linears) by their `tensor_parallel` attribute."""
+    if hasattr(layer, "tensor_parallel"):
+        return layer.tensor_parallel
+    return {"ColumnParallelLinear": "column", "RowParallelLinear": "row"}.get(type(layer).__name__)
+
+
 def _local(size: int, what: str) -> int:
     n = model_parallel_size()
     if size % n:
@@ -205,7 +213,7 @@ def place_layers(model: nn.Module, devices: list[str], shares: list[float] | Non
         raise LlamaInputError("layer-wise placement over several devices can't be combined with tensor parallel ranks")
 
     def nbytes(*modules):
-        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+        return sum(t.numel() * t.element_size() for m in modules for t in [*m.parameters(), *m.buffers()])
 
     units = [nbytes(model.tok_embeddings)] + [nbytes(layer) for layer in model.layers]
     units.append(nbytes(model.norm, model.output))

@@ -1,0 +1,63 @@
+"""python -m quant: quantize a float LLaMA checkpoint to int4 (GPTQ layout), block by block.
+
+    python -m quant --ckpt_dir ckpts/7B --method gptq --group_size 128 --act_order \\
+        --calib data/calib.txt --out ckpts/7B_int4
+"""
+import argparse
+import sys
+
+from llama.errors import LlamaInputError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m quant", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt_dir", required=True, help="float checkpoint folder (Meta, HF or ours)")
+    p.add_argument("--out", required=True, help="output folder (must not exist or be empty): an HF GPTQ folder")
+    p.add_argument("--method", choices=("gptq", "rtn"), default="gptq",
+                   help="gptq: error-compensating, needs --calib; rtn: round to nearest, no data")
+    p.add_argument("--group_size", type=int, default=128,
+                   help="input features sharing one scale and zero; must divide every layer's input width; -1: per channel")
+    p.add_argument("--act_order", action="store_true", help="GPTQ: quantize columns by decreasing input energy (g_idx unordered)")
+    p.add_argument("--sym", action="store_true", help="symmetric quantization (zero point fixed at 8)")
+    p.add_argument("--calib", help="GPTQ calibration text file (plain text; windows are taken evenly across it)")
+    p.add_argument("--n_samples", type=int, default=128, help="GPTQ calibration windows")
+    p.add_argument("--seq_len", type=int, default=2048, help="tokens per calibration window")
+    p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal")
+    p.add_argument("--tokenizer_path", help="sentencepiece tokenizer.model (default: in ckpt_dir or its parent); copied to --out")
+    return p
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
+    from llama.generation import find_tokenizer
+    from llama.tokenizer import Tokenizer
+    from quant.checkpoint import save_int4
+    from quant.gptq import calibration_tokens, quantize_checkpoint
+
+    try:
+        if a.group_size != -1 and a.group_size < 1:
+            raise LlamaInputError(f"--group_size must be positive or -1, got {a.group_size}")
+        if a.method == "gptq" and not a.calib:
+            raise LlamaInputError("--method gptq needs --calib FILE (or use --method rtn)")
+        tokenizer_path = a.tokenizer_path or find_tokenizer(a.ckpt_dir)
+        calib = None
+        if a.method == "gptq":
+            calib = calibration_tokens(a.calib, Tokenizer(tokenizer_path), a.n_samples, a.seq_len)
+        model, stats = quantize_checkpoint(a.ckpt_dir, a.method, a.group_size, a.act_order, a.sym, calib, a.damp)
+        quant = {"group_size": a.group_size, "desc_act": a.act_order, "sym": a.sym, "damp_percent": a.damp,
+                 "method": a.method}
+        out = save_int4(model, a.out, quant, tokenizer_path)
+        if stats:
+            worst = max(stats, key=stats.get)
+            print(f"relative output error on calibration inputs: mean {sum(stats.values()) / len(stats):.2e}, "
+                  f"worst {stats[worst]:.2e} ({worst})")
+        print(f"wrote {out}")
+        return 0
+    except LlamaInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

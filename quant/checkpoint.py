@@ -1,0 +1,229 @@
+"""Int4 checkpoints in the AutoGPTQ / GPTQ-for-LLaMa layout: an HF folder (`config.json` with
+`quantization_config`, `quantize_config.json`, `model.safetensors` with HF names and
+`{qweight,qzeros,scales,g_idx}` per quantized linear), read and written; and `load_base`, the one
+loader the trainer and example.py call for bf16 / int4 / NF4 bases."""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llama.checkpoint import (
+    IGNORED_KEYS, _SkipInit, check_shard_count, hf_loader, hf_to_meta_key, hf_weight_files, load_model,
+    meta_to_hf_key, open_tensor_file, permute_rope_rows, quantization_config, save_safetensors, split_dim,
+    unpermute_rope_rows,
+)
+from llama.config import ModelArgs
+from llama.errors import LlamaInputError
+from llama.files import atomic_write_bytes, fsync_dir
+from llama.model import Transformer
+from llama.parallel import tensor_parallel_kind
+from quant.linear import Int4Linear, quantize_model_, quantized_linears
+from quant.pack import PER_WORD, Int4Weight, check_int4, pack_cols, unpack_cols
+
+INT4_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def read_quant_config(ckpt_dir) -> dict:
+    """The folder's GPTQ settings, checked: 4 bits, GPTQ-for-LLaMa/AutoGPTQ v1 storage."""
+    config = quantization_config(ckpt_dir) or {}
+    method = config.get("quant_method", "gptq")
+    if method != "gptq":
+        raise LlamaInputError(f"{ckpt_dir}: quantization method {method!r} is not supported (GPTQ int4 only)")
+    bits = config.get("bits")
+    if bits != 4:
+        raise LlamaInputError(f"{ckpt_dir}: unsupported bits {bits} (int4 GPTQ checkpoints only)")
+    if config.get("checkpoint_format", "gptq") != "gptq":
+        raise LlamaInputError(f"{ckpt_dir}: checkpoint_format {config['checkpoint_format']!r} is not supported "
+                              f"(the GPTQ v1 layout, zero points stored minus one)")
+    return config
+
+
+def rope_column_order(n_out: int, n_heads: int, to_hf: bool) -> torch.Tensor:
+    """Index mapping q/k output features between Meta's interleaved and HF's half-rotation RoPE."""
+    ids = torch.arange(n_out).unsqueeze(1)
+    return (permute_rope_rows(ids, n_heads) if to_hf else unpermute_rope_rows(ids, n_heads)).squeeze(1)
+
+
+def select_columns(w: Int4Weight, idx: torch.Tensor) -> Int4Weight:
+    """The int4 layer restricted/reordered to output features idx (zero points repacked)."""
+    if len(idx) % PER_WORD:
+        raise LlamaInputError(f"int4 output features must come in multiples of {PER_WORD}, got {len(idx)}")
+    return Int4Weight(w.qweight[:, idx].contiguous(), pack_cols(unpack_cols(w.qzeros)[:, idx]),
+                      w.scales[:, idx].contiguous(), w.g_idx)
+
+
+def select_rows(w: Int4Weight, start: int, stop: int) -> Int4Weight:
+    """Input features [start, stop) of an int4 layer (a row-parallel rank's share). Keeps only
+    the groups those features use when they are contiguous, else all of them (act-order)."""
+    if start % PER_WORD or stop % PER_WORD:
+        raise LlamaInputError(f"int4 input features split across ranks must stay multiples of {PER_WORD}")
+    g_idx = w.g_idx[start:stop]
+    g0, g1 = int(g_idx.min()), int(g_idx.max()) + 1
+    qweight = w.qweight[start // PER_WORD:stop // PER_WORD].contiguous()
+    if torch.equal(torch.unique(g_idx), torch.arange(g0, g1, dtype=g_idx.dtype)) and bool((g_idx[1:] >= g_idx[:-1]).all()):
+        return Int4Weight(qweight, w.qzeros[g0:g1].contiguous(), w.scales[g0:g1].contiguous(), (g_idx - g0).contiguous())
+    return Int4Weight(qweight, w.qzeros, w.scales, g_idx.contiguous())
+
+
+def tp_share(w: Int4Weight, kind, rank: int, size: int) -> Int4Weight:
+    if kind == "column":
+        n = w.out_features // size
+        return select_columns(w, torch.arange(rank * n, (rank + 1) * n))
+    if kind == "row":
+        k = w.in_features // size
+        return select_rows(w, rank * k, (rank + 1) * k)
+    return w
+
+
+def load_int4(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_rank: int = 0, mp_size: int = 1) -> Transformer:
+    """Build the model on `meta` and fill it from a GPTQ folder: quantized linears become
+    Int4Linear, the rest (embeddings, norms, output) load in `dtype`. Under tensor parallelism
+    each rank takes its share of the one whole checkpoint."""
+    config = read_quant_config(ckpt_dir)
+    group_size = int(config.get("group_size", -1))
+    with torch.device("meta"), _SkipInit():
+        model = Transformer(args)
+    parts: dict[str, dict] = {}
+    plain = {}
+    for path, f, name, key in _iter_names(ckpt_dir):
+        if key.endswith(INT4_PARTS + ("bias",)):
+            module, part = key.rsplit(".", 1)
+            parts.setdefault(module, {})[part] = (path, f, name)
+        else:
+            plain[key] = (path, hf_loader(f, name, key, args))
+    modules = dict(model.named_modules())
+    for module_path, found in parts.items():
+        if module_path not in modules:
+            raise LlamaInputError(f"{ckpt_dir}: unexpected quantized layer {module_path} for a {args.n_layers}-layer model")
+        missing = [p for p in INT4_PARTS if p not in found]
+        if missing:
+            raise LlamaInputError(f"{found['qweight'][0] if 'qweight' in found else ckpt_dir}: quantized layer "
+                                  f"{meta_to_hf_key(module_path + '.weight').removesuffix('.weight')} lacks {missing[0]}")
+        w = Int4Weight(*(found[p][1].get(found[p][2]) for p in INT4_PARTS))
+        check_int4(w, meta_to_hf_key(module_path + ".weight").removesuffix(".weight"))
+        old = modules[module_path]
+        full_out, full_in = _full_shape(old, mp_size)
+        if (w.out_features, w.in_features) != (full_out, full_in):
+            raise LlamaInputError(f"{found['qweight'][0]}: {module_path} is {w.out_features}x{w.in_features} int4 "
+                                  f"but the config implies {full_out}x{full_in}")
+        name = module_path.rsplit(".", 1)[1]
+        if name in ("wq", "wk"):
+            w = select_columns(w, rope_column_order(w.out_features, args.n_heads if name == "wq" else args.n_kv_heads, False))
+        kind = tensor_parallel_kind(old)
+        w = tp_share(w, kind, mp_rank, mp_size)
+        bias = found["bias"][1].get(found["bias"][2]) if "bias" in found else None
+        if bias is not None and kind == "column":
+            bias = bias.chunk(mp_size)[mp_rank]
+        layer = Int4Linear.from_int4(Int4Weight(*(t.to(device) for t in w.tensors().values())), group_size, kind,
+                                     None if bias is None else bias.to(device, torch.float32))
+        parent, child = module_path.rsplit(".", 1)
+        setattr(modules[parent], child, layer)
+    expected = {k: v.shape for k, v in model.state_dict().items() if v.is_meta}
+    state = {}
+    for key, (path, load) in plain.items():
+        if key not in expected:
+            raise LlamaInputError(f"{path}: unexpected tensor {key} for a {args.n_layers}-layer model")
+        t = load()
+        dim = split_dim(key)
+        if dim is not None and mp_size > 1:
+            t = t.chunk(mp_size, dim=dim)[mp_rank]
+        if tuple(t.shape) != tuple(expected[key]):
+            raise LlamaInputError(f"{path}: tensor {key} has shape {tuple(t.shape)} but the config implies {tuple(expected[key])}")
+        state[key] = t.to(device=device, dtype=dtype)
+    if "output.weight" not in state and args.tie_word_embeddings and mp_size == 1:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise LlamaInputError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    return model.eval()
+
+
+def _iter_names(ckpt_dir):
+    """(file, opened file, HF name, Meta key) like llama's iter_hf_names, with each quantized
+    part (q_proj.qweight ...) keyed like its module (layers.0.attention.wq.qweight)."""
+    for path in hf_weight_files(ckpt_dir):
+        f = open_tensor_file(path)
+        for name in f.keys():
+            stem, _, part = name.rpartition(".")
+            module_key = hf_to_meta_key(f"{stem}.weight")
+            if module_key is not None and part in INT4_PARTS + ("bias",):
+                yield path, f, name, f"{module_key.removesuffix('.weight')}.{part}"
+            elif (key := hf_to_meta_key(name)) is not None:
+                yield path, f, name, key
+            elif not IGNORED_KEYS.search(name):
+                raise LlamaInputError(f"{path}: unexpected tensor {name}")
+
+
+def _full_shape(layer, mp_size: int) -> tuple[int, int]:
+    out_features, in_features = layer.weight.shape
+    kind = tensor_parallel_kind(layer)
+    return out_features * (mp_size if kind == "column" else 1), in_features * (mp_size if kind == "row" else 1)
+
+
+def save_int4(model: Transformer, out_dir, quant: dict, tokenizer_path=None) -> Path:
+    """Write a one-process model with Int4Linear blocks as a GPTQ folder (HF names, q/k columns
+    in HF's RoPE order), readable by AutoGPTQ-style loaders. The folder appears whole: it is
+    written under a temporary name and renamed."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise LlamaInputError(f"{out}: exists and is not empty; choose another --out or remove it")
+    args = model.args
+    tensors = {}
+    layers = quantized_linears(model)
+    for key, t in model.state_dict().items():
+        module_path, _, part = key.rpartition(".")
+        if module_path in layers:
+            continue
+        tensors[meta_to_hf_key(key)] = t.to(torch.float16) if t.is_floating_point() else t
+    for module_path, layer in layers.items():
+        if not isinstance(layer, Int4Linear):
+            raise LlamaInputError(f"{module_path}: only int4 layers can be written as GPTQ (NF4 exports as float)")
+        w = layer.int4()
+        name = module_path.rsplit(".", 1)[1]
+        if name in ("wq", "wk"):
+            w = select_columns(w, rope_column_order(w.out_features, args.n_heads if name == "wq" else args.n_kv_heads, True))
+        stem = meta_to_hf_key(f"{module_path}.weight").removesuffix(".weight")
+        for part, t in w.tensors().items():
+            tensors[f"{stem}.{part}"] = t.cpu()
+        if layer.bias is not None:
+            tensors[f"{stem}.bias"] = layer.bias.to(torch.float16).cpu()
+    quant = {"bits": 4, "quant_method": "gptq", "checkpoint_format": "gptq", "true_sequential": False, **quant}
+    config = {**args.to_hf_config(), "quantization_config": quant}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2).encode())
+        atomic_write_bytes(tmp / "quantize_config.json", json.dumps(quant, indent=2).encode())
+        if tokenizer_path is not None and Path(tokenizer_path).is_file():
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def load_base(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_rank: int = 0, mp_size: int = 1,
+              quant: str = "none", group_size: int = 128) -> Transformer:
+    """The base model for fine-tuning or generation: a GPTQ folder loads as int4; a float
+    checkpoint loads as is (quant none), or quantized on load: int4 by round-to-nearest with
+    `group_size`, or NF4 through bitsandbytes. Float weights pass through the host on the way."""
+    if quantization_config(ckpt_dir):
+        if quant != "int4":
+            raise LlamaInputError(f"{ckpt_dir}: holds GPTQ int4 weights; use quant = int4 (--quant int4), not {quant!r}")
+        return load_int4(ckpt_dir, args, dtype, device, mp_rank, mp_size)
+    if quant == "none":
+        return load_model(ckpt_dir, args, dtype, device, mp_rank, mp_size)
+    check_shard_count(ckpt_dir, mp_size)
+    model = load_model(ckpt_dir, args, dtype, "cpu", mp_rank, mp_size)
+    quantize_model_(model, quant, group_size, device)
+    return model.to(device)

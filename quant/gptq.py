@@ -1,0 +1,214 @@
+"""Int4 quantizers: round-to-nearest, and GPTQ (Frantar et al. 2022), which quantizes one input
+column at a time and spreads each column's rounding error over the columns not yet quantized,
+weighted by the inverse Hessian of the layer's inputs H = 2 X X^T / n.
+
+`quantize_checkpoint` runs either over a whole checkpoint one transformer block at a time, so
+memory holds one block plus the calibration activations, never the float model."""
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from llama.checkpoint import checkpoint_index, read_model_args
+from llama.errors import LlamaInputError
+from llama.model import Transformer, attention_mask
+from quant.linear import LAYER_LINEARS, Int4Linear, check_group_size
+from quant.pack import Int4Weight, group_index, pack
+
+MAXQ = 15
+
+
+def find_params(w: torch.Tensor, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (scale, zero) for w [rows, cols] so q = round(w / scale) + zero covers 0..15 and
+    the range includes 0. Scales are rounded to fp16 (how they are stored) before use."""
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    flat = (xmin == 0) & (xmax == 0)
+    xmin, xmax = torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
+    scale = ((xmax - xmin) / MAXQ).half().float()
+    if sym:
+        zero = torch.full_like(scale, (MAXQ + 1) / 2)
+    else:
+        # GPTQ files store zero-1 in 4 bits, so zero 0 (a group with no negative weight) can't be
+        # written; zero 1 shifts that group's grid by one step, a tiny loss on a rare group
+        zero = torch.round(-xmin / scale).clamp(1, MAXQ)
+    return scale, zero
+
+
+def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale) + zero, 0, MAXQ)
+
+
+def rtn(weight: torch.Tensor, group_size: int = 128, sym: bool = False) -> Int4Weight:
+    """Round-to-nearest int4 of weight [out, in], per group of input features (-1: per row)."""
+    out_features, in_features = weight.shape
+    size = in_features if group_size == -1 else group_size
+    w = weight.detach().float().reshape(out_features, in_features // size, size)
+    scale, zero = find_params(w.reshape(-1, size), sym)
+    scale, zero = scale.view(out_features, -1, 1), zero.view(out_features, -1, 1)
+    q = quantize_column(w, scale, zero).reshape(out_features, in_features)
+    return pack(q, zero[..., 0].t(), scale[..., 0].t(), group_index(in_features, group_size))
+
+
+class GPTQ:
+    """Accumulates H from a layer's inputs, then quantizes its weight against it."""
+
+    def __init__(self, in_features: int, device=None):
+        self.H = torch.zeros(in_features, in_features, device=device)
+        self.n = 0
+
+    def add_batch(self, x: torch.Tensor) -> None:
+        """x [..., in]: inputs the layer saw on calibration data."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        m = x.shape[0]
+        self.H *= self.n / (self.n + m)
+        self.n += m
+        x = x * math.sqrt(2 / self.n)
+        self.H += x.t() @ x
+
+    def quantize(self, weight: torch.Tensor, group_size: int = 128, act_order: bool = False, sym: bool = False,
+                 damp: float = 0.01, block_size: int = 128) -> Int4Weight:
+        """weight [out, in] -> int4. act_order takes columns by decreasing H[i, i] (the inputs
+        with the most energy first, while there is the most freedom to absorb their error)."""
+        W = weight.detach().float().clone()
+        out_features, in_features = W.shape
+        H = self.H.clone()
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        if group_size == -1:
+            scale, zero = find_params(W, sym)
+            size = in_features
+        else:
+            size = group_size
+            if block_size % group_size:
+                block_size = group_size  # a group never straddles two blocks
+        perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
+        W, H = W[:, perm], H[perm][:, perm]
+        H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+        try:
+            Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        except torch.linalg.LinAlgError:
+            raise LlamaInputError("GPTQ: the input Hessian is not positive definite; raise --damp") from None
+
+        Q = torch.zeros_like(W)
+        scales, zeros = [], []
+        for i1 in range(0, in_features, block_size):
+            i2 = min(i1 + block_size, in_features)
+            W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out_features, i2 - i1), Hinv[i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if group_size != -1 and col % group_size == 0:
+                    scale, zero = find_params(W1[:, i:i + group_size], sym)
+                if col % size == 0:
+                    scales.append(scale)
+                    zeros.append(zero)
+                w, d = W1[:, i], Hinv1[i, i]
+                q = quantize_column(w, scale, zero)
+                Q[:, col] = q
+                err = (w - scale * (q - zero)) / d
+                W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+                Err1[:, i] = err
+            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+        g_idx = torch.empty(in_features, dtype=torch.int32)
+        g_idx[perm] = torch.arange(in_features, dtype=torch.int32) // size
+        q_orig = torch.empty_like(Q)
+        q_orig[:, perm] = Q
+        return pack(q_orig, torch.stack(zeros), torch.stack(scales), g_idx)
+
+
+# --- whole checkpoints -------------------------------------------------------------------------
+
+
+def calibration_tokens(path, tokenizer, n_samples: int, seq_len: int) -> torch.Tensor:
+    """[n_samples, seq_len] token windows taken evenly from a text file (one tokenization of the
+    whole text, bos at the start)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LlamaInputError(f"{p}: calibration file not found")
+    tokens = tokenizer.encode(p.read_text(), bos=True, eos=False)
+    need = n_samples * seq_len
+    if len(tokens) < need:
+        raise LlamaInputError(f"{p}: {len(tokens):,} tokens, too short for {n_samples} samples of {seq_len} "
+                              f"(needs {need:,}); give more text, or lower --n_samples / --seq_len")
+    stride = (len(tokens) - seq_len) // max(1, n_samples - 1) if n_samples > 1 else 0
+    return torch.tensor([tokens[i * stride:i * stride + seq_len] for i in range(n_samples)])
+
+
+def quantize_checkpoint(ckpt_dir, method: str = "gptq", group_size: int = 128, act_order: bool = False,
+                        sym: bool = False, calib: Optional[torch.Tensor] = None, damp: float = 0.01,
+                        batch_size: int = 8, progress: bool = True) -> tuple[Transformer, dict]:
+    """Quantize every block linear of a checkpoint, block by block. calib [n, seq] tokens (GPTQ).
+
+    Returns the model with Int4Linear blocks (on CPU) and per-layer stats {path: relative output
+    error on the calibration inputs} (GPTQ only)."""
+    if method not in ("gptq", "rtn"):
+        raise LlamaInputError(f"unknown method {method!r}: use gptq or rtn")
+    if method == "gptq" and calib is None:
+        raise LlamaInputError("GPTQ needs calibration text (--calib FILE)")
+    args = read_model_args(ckpt_dir)
+    index = checkpoint_index(ckpt_dir, args)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.tok_embeddings.to_empty(device="cpu")
+
+    def fill(module, prefix):
+        state = {}
+        for name, p in module.named_parameters(recurse=True):
+            key = f"{prefix}{name}"
+            if key not in index:
+                raise LlamaInputError(f"{ckpt_dir}: checkpoint lacks {key}")
+            t = index[key][1]().float()
+            if t.shape != p.shape:
+                raise LlamaInputError(f"{ckpt_dir}: tensor {key} has shape {tuple(t.shape)}, the config implies {tuple(p.shape)}")
+            state[name] = t
+        module.load_state_dict(state, assign=True)
+
+    fill(model.tok_embeddings, "tok_embeddings.")
+    fill(model.norm, "norm.")
+    if "output.weight" in index or not args.tie_word_embeddings:
+        fill(model.output, "output.")
+    else:
+        model.output.weight = model.tok_embeddings.weight
+    for i in range(args.n_layers):
+        for name in LAYER_LINEARS:
+            check_group_size(f"layers.{i}.{name}", getattr(getattr(model.layers[i], name.split(".")[0]), name.split(".")[1]).in_features, group_size)
+
+    stats = {}
+    with torch.no_grad():
+        if calib is not None and method == "gptq":
+            h = model.tok_embeddings(calib)  # [n, seq, dim]
+            seq = calib.shape[1]
+            positions = torch.arange(seq)[None]
+            cos, sin = model.rope(positions)
+            mask = attention_mask(seq, 0, None, "cpu")
+        for i, block in enumerate(tqdm(model.layers, desc=f"quantizing ({method})", disable=not progress)):
+            fill(block, f"layers.{i}.")
+            linears = {name: getattr(getattr(block, name.split(".")[0]), name.split(".")[1]) for name in LAYER_LINEARS}
+            if method == "gptq":
+                gptqs = {name: GPTQ(lin.in_features) for name, lin in linears.items()}
+                hooks = [lin.register_forward_hook(lambda m, inp, out, g=gptqs[name]: g.add_batch(inp[0]))
+                         for name, lin in linears.items()]
+                for start in range(0, h.shape[0], batch_size):
+                    block(h[start:start + batch_size], 0, cos, sin, mask)
+                for hook in hooks:
+                    hook.remove()
+            for name, lin in linears.items():
+                w = gptqs[name].quantize(lin.weight, group_size, act_order, sym, damp) if method == "gptq" \
+                    else rtn(lin.weight, group_size, sym)
+                parent, child = name.split(".")
+                setattr(getattr(block, parent), child, Int4Linear.from_int4(w, group_size))
+                if method == "gptq":
+                    H = gptqs[name].H
+                    delta = lin.weight.float() - getattr(getattr(block, parent), child).dequantized_weight()
+                    stats[f"layers.{i}.{name}"] = float(torch.trace(delta @ H @ delta.t()) /
+                                                        torch.trace(lin.weight.float() @ H @ lin.weight.float().t()))
+            if method == "gptq":  # the next block calibrates on what this quantized block outputs
+                h = torch.cat([block(h[s:s + batch_size], 0, cos, sin, mask) for s in range(0, h.shape[0], batch_size)])
+    return model.eval(), stats

@@ -1,0 +1,158 @@
+"""Dequant-matmul for int4 linears: y = x @ W.T with W in the GPTQ layout (see pack.py).
+
+One entry point, `int4_matmul`, picks a path by device, activation dtype and rows M:
+
+    reference  dequantize (pack.dequantize), matmul            any device; tests measure the rest against it
+    dequant    dequantize into a shared scratch buffer, matmul  large M: the dequant is paid once per M rows
+    cpu_int4   PyTorch's `_weight_int4pack_mm_for_cpu`          CPU, bf16 activations, small M (decode)
+    triton     fused unpack + matmul (triton_int4.py)            CUDA, small M
+
+The weight is frozen; the backward pass gives the input gradient only (what LoRA and prompt
+tuning need below a quantized layer), through the same dequantized weight.
+"""
+from typing import Optional
+
+import torch
+
+from quant.pack import PER_WORD, Int4Weight, dequantize
+
+SMALL_M = 16  # rows at or below which the fused / int4-op paths beat dequantize-then-matmul
+CPU_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu takes
+
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A buffer shared by every int4 layer on this device and dtype, grown to the largest layer:
+    the dequantized weight of one layer at a time, never of all of them."""
+    key = (torch.device(device), dtype)
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < numel:
+        _scratch.pop(key, None)
+        with torch.inference_mode(False):  # a normal tensor: written to in and out of inference mode
+            buf = _scratch[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def contiguous_groups(w: Int4Weight) -> Optional[int]:
+    """The group size when g_idx is plain i // group_size with whole groups (no act-order), else None."""
+    k, groups = w.in_features, w.scales.shape[0]
+    if k % groups:
+        return None
+    size = k // groups
+    g_idx = w.g_idx
+    expected = torch.arange(k, device=g_idx.device, dtype=g_idx.dtype) // size
+    return size if torch.equal(g_idx, expected) else None
+
+
+def dequantize_kn(w: Int4Weight, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W.T [in, out] in dtype, into `out` if given. Unpacks bytes rather than int32 words (a
+    quarter of the memory traffic) and broadcasts scales over whole groups when it can."""
+    k, n = w.in_features, w.out_features
+    b = w.qweight.contiguous().view(torch.uint8).view(k // PER_WORD, n, 4)  # little-endian bytes
+    q = torch.stack((b & 0xF, b >> 4), dim=-1)  # [k/8, n, byte, nibble]: feature 8w + 2*byte + nibble
+    out = q.permute(0, 2, 3, 1).reshape(k, n).to(dtype) if out is None else out.view(k, n).copy_(q.permute(0, 2, 3, 1).reshape(k, n))
+    zeros = ((w.qzeros.unsqueeze(-1) >> torch.arange(0, 32, 4, device=w.qzeros.device, dtype=torch.int32)) & 0xF)
+    zeros = zeros.reshape(w.qzeros.shape[0], n).to(dtype) + 1  # [groups, out]
+    scales = w.scales.to(dtype)
+    size = contiguous_groups(w)
+    if size is not None:
+        grouped = out.view(k // size, size, n)
+        grouped.sub_(zeros.unsqueeze(1)).mul_(scales.unsqueeze(1))
+    else:
+        g = w.g_idx.long()
+        out.sub_(zeros[g]).mul_(scales[g])
+    return out
+
+
+def _reference(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    return x @ dequantize(w, x.dtype).t()
+
+
+def _dequant(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    buf = scratch(w.in_features * w.out_features, x.dtype, x.device)
+    return x @ dequantize_kn(w, x.dtype, out=buf).view(w.in_features, w.out_features)
+
+
+# --- CPU: PyTorch's int4 op, which dequantizes as (q - 8) * scale + zero with float zeros --------
+
+def cpu_int4_supported(w: Int4Weight) -> bool:
+    size = contiguous_groups(w)
+    if size is None:
+        return False
+    return size in CPU_GROUP_SIZES or (w.scales.shape[0] == 1 and w.in_features % 128 == 0)
+
+
+def cpu_int4_weights(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The op's packed weight [out, in/2] and scales_and_zeros [in/group, out, 2] (bf16), built
+    once per layer and kept while its tensors are unchanged. GPTQ's s * (q - z) is the op's
+    (q - 8) * s + zf with zf = s * (8 - z); one per-channel group becomes groups of 128."""
+    version = (w.qweight.data_ptr(), w.qweight._version, w.qzeros._version, w.scales._version)
+    hit = w.cache.get("cpu_int4")
+    if hit is not None and hit[0] == version:
+        return hit[1]
+    size = contiguous_groups(w)
+    q = (w.qweight.unsqueeze(1) >> torch.arange(0, 32, 4, dtype=torch.int32).view(1, -1, 1)) & 0xF
+    q = q.reshape(w.in_features, w.out_features).t().contiguous()  # [out, in] int32
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    zeros = (((w.qzeros.unsqueeze(-1) >> torch.arange(0, 32, 4, dtype=torch.int32)) & 0xF).reshape(-1, w.out_features) + 1).float()
+    scales = w.scales.float()
+    if size not in CPU_GROUP_SIZES:  # per-channel: repeat the one group's scale over groups of 128
+        repeat, size = w.in_features // 128, 128
+        zeros, scales = zeros.repeat(repeat, 1), scales.repeat(repeat, 1)
+    scales_and_zeros = torch.stack((scales, scales * (8 - zeros)), dim=-1).to(torch.bfloat16).contiguous()
+    w.cache["cpu_int4"] = (version, (packed, scales_and_zeros, size))
+    return packed, scales_and_zeros, size
+
+
+def _cpu_int4(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    packed, scales_and_zeros, size = cpu_int4_weights(w)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, size, scales_and_zeros)
+
+
+def _triton(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    from quant.triton_int4 import int4_matmul_triton
+
+    return int4_matmul_triton(x, w)
+
+
+PATHS = {"reference": _reference, "dequant": _dequant, "cpu_int4": _cpu_int4, "triton": _triton}
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_path(x: torch.Tensor, w: Int4Weight) -> str:
+    """x [M, in]: the path int4_matmul takes by default."""
+    small = x.shape[0] <= SMALL_M
+    if x.is_cuda:
+        return "triton" if small and triton_available() else "dequant"
+    if x.device.type == "cpu" and small and x.dtype == torch.bfloat16 and cpu_int4_supported(w):
+        return "cpu_int4"  # the op is fast only with bf16 activations (6x slower in float32)
+    return "dequant"
+
+
+class _Int4Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w: Int4Weight, path: str):
+        ctx.w = w
+        return PATHS[path](x, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w = ctx.w
+        weight = dequantize_kn(w, grad.dtype, out=scratch(w.in_features * w.out_features, grad.dtype, grad.device))
+        return grad @ weight.view(w.in_features, w.out_features).t(), None, None
+
+
+def int4_matmul(x: torch.Tensor, w: Int4Weight, path: Optional[str] = None) -> torch.Tensor:
+    """x [..., in] -> [..., out] in x's dtype; differentiable in x (the weight is frozen)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    path = path or choose_path(x2, w)
+    y = _Int4Matmul.apply(x2, w, path) if x.requires_grad else PATHS[path](x2, w)
+    return y.view(*x.shape[:-1], w.out_features)
