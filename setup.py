@@ -13,10 +13,12 @@ setup(
         "numpy",
         "fairscale",
         "tqdm",
+        "bitsandbytes>=0.47",  # NF4 bases (QLoRA); CPU 4-bit ops from 0.47; imported only for quant = nf4
     ],
     extras_require={
         # references the tests compare against; never imported by the package
-        "test": ["pytest", "transformers>=4.45", "peft>=0.13"],
+        # triton: the GPU int4 kernel is checked on CPU under TRITON_INTERPRET=1
+        "test": ["pytest", "transformers>=4.45", "peft>=0.13", "triton"],
         "bench": ["transformers>=4.45"],
     },
 )

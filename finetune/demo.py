@@ -93,10 +93,11 @@ def write_demo_data(folder=DATA_DIR) -> None:
     write_jsonl(Path(folder) / "pretrain.jsonl", pretrain_rows())
 
 
-def ensure_demo_model(model_dir=MODEL_DIR, data_dir=DATA_DIR) -> Path:
+def ensure_demo_model(model_dir=MODEL_DIR, data_dir=DATA_DIR, model_args: dict = DEMO_ARGS) -> Path:
     """Build the demo base model unless it is there: a sentencepiece tokenizer trained on the
     generated corpus and the demo data, a random tiny LLaMA, then a short full pretraining (task
-    pt) on data/demo/pretrain.jsonl. Every torchrun rank calls this; rank 0 writes the files."""
+    pt) on data/demo/pretrain.jsonl. Every torchrun rank calls this; rank 0 writes the files.
+    model_args: the ModelArgs shape (benchmarks build wider variants)."""
     out, data = Path(model_dir), Path(data_dir)
     if (out / "params.json").is_file() and (out / "tokenizer.model").is_file():
         return out
@@ -110,7 +111,7 @@ def ensure_demo_model(model_dir=MODEL_DIR, data_dir=DATA_DIR) -> Path:
             lines += [" ".join(json.loads(ln).values()) for ln in (data / name).read_text().splitlines() if ln]
         train_tokenizer(init / "tokenizer.model", vocab_size=512, lines=lines)
         vocab = spm.SentencePieceProcessor(model_file=str(init / "tokenizer.model")).vocab_size()
-        save_checkpoint(random_model(ModelArgs(vocab_size=vocab, **DEMO_ARGS), seed=0), init)
+        save_checkpoint(random_model(ModelArgs(vocab_size=vocab, **model_args), seed=0), init)
     else:  # no process group yet: wait for rank 0's files
         deadline = time.time() + 600
         while not (init / "params.json").is_file():

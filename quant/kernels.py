@@ -45,23 +45,30 @@ def contiguous_groups(w: Int4Weight) -> Optional[int]:
     return size if torch.equal(g_idx, expected) else None
 
 
-def dequantize_kn(w: Int4Weight, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """W.T [in, out] in dtype, into `out` if given. Unpacks bytes rather than int32 words (a
-    quarter of the memory traffic) and broadcasts scales over whole groups when it can."""
+def dequantize_into(w: Int4Weight, dtype: torch.dtype, out: Optional[torch.Tensor] = None,
+                    transposed: bool = False) -> torch.Tensor:
+    """The float weight W [out, in] (or W.T [in, out] with transposed), into `out` if given.
+    Unpacks bytes rather than int32 words (a quarter of the memory traffic) and broadcasts scales
+    over whole groups when it can. The layout matters: CPU bf16 matmuls are ~100x slower when the
+    second operand is not a transposed row-major matrix, so the forward pass wants W and the
+    backward pass W.T."""
     k, n = w.in_features, w.out_features
     b = w.qweight.contiguous().view(torch.uint8).view(k // PER_WORD, n, 4)  # little-endian bytes
     q = torch.stack((b & 0xF, b >> 4), dim=-1)  # [k/8, n, byte, nibble]: feature 8w + 2*byte + nibble
-    out = q.permute(0, 2, 3, 1).reshape(k, n).to(dtype) if out is None else out.view(k, n).copy_(q.permute(0, 2, 3, 1).reshape(k, n))
+    q = q.permute(0, 2, 3, 1).reshape(k, n) if transposed else q.permute(1, 0, 2, 3).reshape(n, k)
+    out = q.to(dtype) if out is None else out.view(q.shape).copy_(q)
     zeros = ((w.qzeros.unsqueeze(-1) >> torch.arange(0, 32, 4, device=w.qzeros.device, dtype=torch.int32)) & 0xF)
     zeros = zeros.reshape(w.qzeros.shape[0], n).to(dtype) + 1  # [groups, out]
     scales = w.scales.to(dtype)
     size = contiguous_groups(w)
-    if size is not None:
-        grouped = out.view(k // size, size, n)
-        grouped.sub_(zeros.unsqueeze(1)).mul_(scales.unsqueeze(1))
-    else:
+    if size is not None and transposed:
+        out.view(k // size, size, n).sub_(zeros.unsqueeze(1)).mul_(scales.unsqueeze(1))
+    elif size is not None:
+        out.view(n, k // size, size).sub_(zeros.t().unsqueeze(-1)).mul_(scales.t().unsqueeze(-1))
+    else:  # act-order: a group per feature, gathered
         g = w.g_idx.long()
-        out.sub_(zeros[g]).mul_(scales[g])
+        zeros, scales = zeros[g], scales[g]  # [in, out]
+        out.sub_(zeros if transposed else zeros.t()).mul_(scales if transposed else scales.t())
     return out
 
 
@@ -71,14 +78,14 @@ def _reference(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
 
 def _dequant(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
     buf = scratch(w.in_features * w.out_features, x.dtype, x.device)
-    return x @ dequantize_kn(w, x.dtype, out=buf).view(w.in_features, w.out_features)
+    return x @ dequantize_into(w, x.dtype, out=buf).t()
 
 
 # --- CPU: PyTorch's int4 op, which dequantizes as (q - 8) * scale + zero with float zeros --------
 
 def cpu_int4_supported(w: Int4Weight) -> bool:
     size = contiguous_groups(w)
-    if size is None:
+    if size is None or w.out_features % 16:  # the op packs output features in pairs of 8
         return False
     return size in CPU_GROUP_SIZES or (w.scales.shape[0] == 1 and w.in_features % 128 == 0)
 
@@ -87,7 +94,8 @@ def cpu_int4_weights(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The op's packed weight [out, in/2] and scales_and_zeros [in/group, out, 2] (bf16), built
     once per layer and kept while its tensors are unchanged. GPTQ's s * (q - z) is the op's
     (q - 8) * s + zf with zf = s * (8 - z); one per-channel group becomes groups of 128."""
-    version = (w.qweight.data_ptr(), w.qweight._version, w.qzeros._version, w.scales._version)
+    # inference tensors (a layer built under inference_mode) have no version counter
+    version = (w.qweight.data_ptr(), *(0 if t.is_inference() else t._version for t in (w.qweight, w.qzeros, w.scales)))
     hit = w.cache.get("cpu_int4")
     if hit is not None and hit[0] == version:
         return hit[1]
@@ -106,6 +114,8 @@ def cpu_int4_weights(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def _cpu_int4(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    if not cpu_int4_supported(w):
+        raise ValueError("cpu_int4 needs whole groups of 32-256 in order (no act-order) and out_features % 16 == 0")
     packed, scales_and_zeros, size = cpu_int4_weights(w)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, size, scales_and_zeros)
 
@@ -146,8 +156,8 @@ class _Int4Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         w = ctx.w
-        weight = dequantize_kn(w, grad.dtype, out=scratch(w.in_features * w.out_features, grad.dtype, grad.device))
-        return grad @ weight.view(w.in_features, w.out_features).t(), None, None
+        buf = scratch(w.in_features * w.out_features, grad.dtype, grad.device)
+        return grad @ dequantize_into(w, grad.dtype, out=buf, transposed=True).t(), None, None
 
 
 def int4_matmul(x: torch.Tensor, w: Int4Weight, path: Optional[str] = None) -> torch.Tensor:

@@ -1,0 +1,167 @@
+"""Int4 dequant-matmul against dense matmul in the same run, and the memory of an int4 7B.
+
+    python bench/int4_matmul.py                  # CPU: int4 (bf16 activations) vs float32 dense, M = 1, 7, 64
+    python bench/int4_matmul.py --device cuda    # GPU: int4 vs bf16 cuBLAS, M = 1, 16, 256, 1024, plus ceilings
+    python bench/int4_matmul.py --memory         # peak memory of a 7B-shaped int4 model vs its bf16 size
+
+Weights are random, in the GPTQ layout with group size 128 (shapes [out, in] = 4096x4096 and
+11008x4096, LLaMA-7B's attention and MLP). Each figure is the median of --runs timed calls after
+warm-up; the ratio is dense time / int4 time (above 1: int4 is faster). Appends one JSON row per
+mode to bench/results.jsonl.
+"""
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RESULTS = ROOT / "bench" / "results.jsonl"
+SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in)
+
+from quant.kernels import choose_path, int4_matmul  # noqa: E402
+from quant.pack import group_index, pack  # noqa: E402
+
+
+def random_int4(out_features: int, in_features: int, group_size: int = 128, device="cpu"):
+    groups = in_features // group_size
+    w = pack(torch.randint(0, 16, (out_features, in_features)), torch.randint(1, 16, (groups, out_features)),
+             torch.rand(groups, out_features) * 0.01 + 0.001, group_index(in_features, group_size))
+    return type(w)(*(t.to(device) for t in w.tensors().values()))
+
+
+def timed(fn, runs: int, sync) -> float:
+    """Median seconds of fn() over `runs` calls after 3 warm-up calls."""
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def gpu_ceilings(sync) -> dict:
+    """Measured device-to-device copy bandwidth and bf16 matmul rate."""
+    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t = timed(lambda: b.copy_(a), 10, sync)
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    tm = timed(lambda: x @ x, 10, sync)
+    return {"copy_gb_s": round(2 * a.numel() / t / 1e9, 1), "bf16_matmul_tflops": round(2 * 8192 ** 3 / tm / 1e12, 1)}
+
+
+def bench_speed(device: str, runs: int) -> dict:
+    cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    ms = [1, 16, 256, 1024] if cuda else [1, 7, 64]
+    act = torch.bfloat16  # the int4 CPU op is fast with bf16 activations only; on GPU bf16 is the norm
+    dense_dtype = torch.bfloat16 if cuda else torch.float32
+    rows = []
+    torch.manual_seed(0)
+    for out_features, in_features in SHAPES:
+        w = random_int4(out_features, in_features, device=device)
+        dense = torch.randn(out_features, in_features, device=device, dtype=dense_dtype)
+        for m in ms:
+            x = torch.randn(m, in_features, device=device)
+            xa, xd = x.to(act), x.to(dense_dtype)
+            t_int4 = timed(lambda: int4_matmul(xa, w), runs, sync)
+            t_dense = timed(lambda: xd @ dense.t(), runs, sync)
+            row = {"out": out_features, "in": in_features, "m": m, "path": choose_path(xa, w),
+                   "int4_ms": round(t_int4 * 1e3, 3), f"dense_{str(dense_dtype)[6:]}_ms": round(t_dense * 1e3, 3),
+                   "ratio": round(t_dense / t_int4, 2)}
+            if not cuda and m == 1:  # the float32-activation int4 path, for the record
+                row["int4_fp32_act_ms"] = round(timed(lambda: int4_matmul(x, w), runs, sync) * 1e3, 3)
+            rows.append(row)
+            print(f"{out_features:>6}x{in_features:<5} M={m:<5} {row['path']:<9} int4 {row['int4_ms']:8.3f} ms   "
+                  f"dense {str(dense_dtype)[6:]} {t_dense * 1e3:8.3f} ms   dense/int4 {row['ratio']:.2f}x")
+    result = {"rows": rows}
+    if cuda:
+        result["device_name"] = torch.cuda.get_device_name()
+        result["ceilings"] = gpu_ceilings(sync)
+        print("ceilings:", result["ceilings"])
+    return result
+
+
+def build_int4_7b(device: str):
+    """LLaMA-7B shapes with Int4Linear blocks (random int4 weights, group 128) and bf16
+    embeddings, norms and output, built without ever holding a float copy of a block."""
+    from llama.config import ModelArgs
+    from llama.model import Transformer
+    from quant.linear import Int4Linear, swap_linears
+
+    args = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = Transformer(args)
+
+    def make(path, linear):
+        out_features, in_features = linear.weight.shape
+        return Int4Linear.from_int4(random_int4(out_features, in_features, device=device), 128)
+
+    swap_linears(model, make)
+    model.to_empty(device=device)  # what is left on meta: embeddings, norms, output
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()  # touch every page so it counts
+    model.to(torch.bfloat16)
+    n_params = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear))
+    n_params += sum(p.numel() for p in model.parameters())
+    return model, args, n_params
+
+
+def memory_child(device: str) -> None:
+    """Runs in a fresh process: prints peak memory of building (and running one bf16 decode step
+    of) the int4 7B, minus the process's memory before building."""
+    cuda = device == "cuda"
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model, args, n_params = build_int4_7b(device)
+    built = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    with torch.inference_mode():
+        model.setup_caches(1, 64)
+        model(torch.zeros(1, 1, dtype=torch.long, device=device))
+    ran = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    print(json.dumps({"n_params": n_params, "bf16_bytes": 2 * n_params, "built_bytes": built, "after_decode_step_bytes": ran}))
+
+
+def bench_memory(device: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", "--device", device], capture_output=True,
+                         text=True, check=True, cwd=ROOT)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["built_over_bf16"] = round(r["built_bytes"] / r["bf16_bytes"], 3)
+    r["after_decode_over_bf16"] = round(r["after_decode_step_bytes"] / r["bf16_bytes"], 3)
+    gib = 2 ** 30
+    print(f"7B-shaped: {r['n_params'] / 1e9:.2f} B params, bf16 size {r['bf16_bytes'] / gib:.2f} GiB; int4 model built: "
+          f"{r['built_bytes'] / gib:.2f} GiB ({r['built_over_bf16']:.3f}x), after one decode step "
+          f"{r['after_decode_step_bytes'] / gib:.2f} GiB ({r['after_decode_over_bf16']:.3f}x)")
+    return r
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    p.add_argument("--runs", type=int, default=7, help="timed calls per figure; the median is reported (default 7)")
+    p.add_argument("--memory", action="store_true", help="measure the int4 7B's peak memory instead of matmul speed")
+    p.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.memory_child:
+        return memory_child(a.device)
+    result = bench_memory(a.device) if a.memory else bench_speed(a.device, a.runs)
+    row = {"bench": "int4_memory" if a.memory else "int4_matmul", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "host": platform.node(), "device": a.device, "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
+           "runs": a.runs, **result, "cmd": "python " + " ".join(["bench/int4_matmul.py", *sys.argv[1:]])}
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
