@@ -5,6 +5,7 @@
 """
 import argparse
 import sys
+from pathlib import Path
 
 from llama.errors import LlamaInputError
 
@@ -30,6 +31,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    from llama.checkpoint import read_model_args
     from llama.generation import find_tokenizer
     from llama.tokenizer import Tokenizer
     from quant.checkpoint import save_int4
@@ -40,6 +42,10 @@ def main(argv=None) -> int:
             raise LlamaInputError(f"--group_size must be positive or -1, got {a.group_size}")
         if a.method == "gptq" and not a.calib:
             raise LlamaInputError("--method gptq needs --calib FILE (or use --method rtn)")
+        read_model_args(a.ckpt_dir)  # a missing or malformed folder is reported before anything else
+        out = Path(a.out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise LlamaInputError(f"{out}: exists and is not empty (or not a folder); choose another --out or remove it")
         tokenizer_path = a.tokenizer_path or find_tokenizer(a.ckpt_dir)
         calib = None
         if a.method == "gptq":

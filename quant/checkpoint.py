@@ -166,8 +166,9 @@ def _full_shape(layer, mp_size: int) -> tuple[int, int]:
 
 def save_int4(model: Transformer, out_dir, quant: dict, tokenizer_path=None) -> Path:
     """Write a one-process model with Int4Linear blocks as a GPTQ folder (HF names, q/k columns
-    in HF's RoPE order), readable by AutoGPTQ-style loaders. The folder appears whole: it is
-    written under a temporary name and renamed."""
+    in HF's RoPE order), readable by AutoGPTQ-style loaders. Embeddings, norms and the output
+    layer are stored in fp16 (GPTQ's convention, `torch_dtype: float16`). The folder appears
+    whole: it is written under a temporary name and renamed."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise LlamaInputError(f"{out}: exists and is not empty; choose another --out or remove it")
