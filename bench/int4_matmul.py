@@ -1,6 +1,6 @@
 """Int4 dequant-matmul against dense matmul in the same run, and the memory of an int4 7B.
 
-    python bench/int4_matmul.py                  # CPU: int4 (bf16 activations) vs float32 dense, M = 1, 7, 64
+    python bench/int4_matmul.py                  # CPU: int4 (bf16 activations) vs float32 dense, M = 1, 7, 64, 256
     python bench/int4_matmul.py --device cuda    # GPU: int4 vs bf16 cuBLAS, M = 1, 16, 256, 1024, plus ceilings
     python bench/int4_matmul.py --memory         # peak memory of a 7B-shaped int4 model vs its bf16 size
 
@@ -64,7 +64,7 @@ def gpu_ceilings(sync) -> dict:
 def bench_speed(device: str, runs: int) -> dict:
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    ms = [1, 16, 256, 1024] if cuda else [1, 7, 64]
+    ms = [1, 16, 256, 1024] if cuda else [1, 7, 64, 256]
     act = torch.bfloat16  # the int4 CPU op is fast with bf16 activations only; on GPU bf16 is the norm
     dense_dtype = torch.bfloat16 if cuda else torch.float32
     rows = []
@@ -104,19 +104,26 @@ def build_int4_7b(device: str):
     with torch.device("meta"):
         model = Transformer(args)
 
-    def make(path, linear):
+    def make(path, linear):  # random words straight into the buffers: no float or int64 temporaries
         out_features, in_features = linear.weight.shape
-        return Int4Linear.from_int4(random_int4(out_features, in_features, device=device), 128)
+        layer = Int4Linear(in_features, out_features, in_features // 128, 128, device=device)
+        for t in (layer.qweight, layer.qzeros):
+            t.random_(-2 ** 31, 2 ** 31 - 1)
+        layer.scales.uniform_(0.001, 0.01)
+        layer.g_idx.copy_(group_index(in_features, 128))
+        return layer
 
     swap_linears(model, make)
-    model.to_empty(device=device)  # what is left on meta: embeddings, norms, output
+    for m in model.modules():  # what is left on meta: embeddings, norms, output
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            m.to_empty(device=device, recurse=False)
+    model.to(torch.bfloat16)  # before touching the float32 pages, so they never count
     with torch.no_grad():
         for p in model.parameters():
             p.normal_()  # touch every page so it counts
-    model.to(torch.bfloat16)
     n_params = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear))
     n_params += sum(p.numel() for p in model.parameters())
-    return model, args, n_params
+    return model, n_params
 
 
 def memory_child(device: str) -> None:
@@ -124,23 +131,27 @@ def memory_child(device: str) -> None:
     of) the int4 7B, minus the process's memory before building."""
     cuda = device == "cuda"
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    model, args, n_params = build_int4_7b(device)
+    model, n_params = build_int4_7b(device)
     built = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    tensor_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     with torch.inference_mode():
         model.setup_caches(1, 64)
         model(torch.zeros(1, 1, dtype=torch.long, device=device))
     ran = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    print(json.dumps({"n_params": n_params, "bf16_bytes": 2 * n_params, "built_bytes": built, "after_decode_step_bytes": ran}))
+    print(json.dumps({"n_params": n_params, "bf16_bytes": 2 * n_params, "tensor_bytes": tensor_bytes, "built_bytes": built,
+                      "after_decode_step_bytes": ran}))
 
 
 def bench_memory(device: str) -> dict:
     out = subprocess.run([sys.executable, __file__, "--memory-child", "--device", device], capture_output=True,
                          text=True, check=True, cwd=ROOT)
     r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["tensors_over_bf16"] = round(r["tensor_bytes"] / r["bf16_bytes"], 3)
     r["built_over_bf16"] = round(r["built_bytes"] / r["bf16_bytes"], 3)
     r["after_decode_over_bf16"] = round(r["after_decode_step_bytes"] / r["bf16_bytes"], 3)
     gib = 2 ** 30
-    print(f"7B-shaped: {r['n_params'] / 1e9:.2f} B params, bf16 size {r['bf16_bytes'] / gib:.2f} GiB; int4 model built: "
+    print(f"7B-shaped: {r['n_params'] / 1e9:.2f} B params, bf16 size {r['bf16_bytes'] / gib:.2f} GiB; int4 tensors "
+          f"{r['tensor_bytes'] / gib:.2f} GiB ({r['tensors_over_bf16']:.3f}x); peak memory building: "
           f"{r['built_bytes'] / gib:.2f} GiB ({r['built_over_bf16']:.3f}x), after one decode step "
           f"{r['after_decode_step_bytes'] / gib:.2f} GiB ({r['after_decode_over_bf16']:.3f}x)")
     return r

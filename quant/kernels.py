@@ -16,7 +16,11 @@ import torch
 
 from quant.pack import PER_WORD, Int4Weight, dequantize
 
-SMALL_M = 16  # rows at or below which the fused / int4-op paths beat dequantize-then-matmul
+# rows at or below which the fused kernel / int4 op beat dequantize-then-matmul: on GPU measured
+# by the Triton kernel's design (decode batches); on CPU by bench/int4_matmul.py (the op at M=64
+# takes 1.6x float32 dense, dequantizing to bf16 then multiplying 6x; they meet near M=256)
+SMALL_M = 16
+CPU_OP_MAX_M = 256
 CPU_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu takes
 
 _scratch: dict[tuple, torch.Tensor] = {}
@@ -139,10 +143,10 @@ def triton_available() -> bool:
 
 def choose_path(x: torch.Tensor, w: Int4Weight) -> str:
     """x [M, in]: the path int4_matmul takes by default."""
-    small = x.shape[0] <= SMALL_M
+    m = x.shape[0]
     if x.is_cuda:
-        return "triton" if small and triton_available() else "dequant"
-    if x.device.type == "cpu" and small and x.dtype == torch.bfloat16 and cpu_int4_supported(w):
+        return "triton" if m <= SMALL_M and triton_available() else "dequant"
+    if x.device.type == "cpu" and m <= CPU_OP_MAX_M and x.dtype == torch.bfloat16 and cpu_int4_supported(w):
         return "cpu_int4"  # the op is fast only with bf16 activations (6x slower in float32)
     return "dequant"
 

@@ -100,8 +100,8 @@ def test_choose_path():
     w, w64 = layer("g64")
     k = w.in_features
     assert choose_path(inputs(1, k, dtype=torch.bfloat16), w) == "cpu_int4"
-    assert choose_path(inputs(16, k, dtype=torch.bfloat16), w) == "cpu_int4"
-    assert choose_path(inputs(17, k, dtype=torch.bfloat16), w) == "dequant"
+    assert choose_path(inputs(256, k, dtype=torch.bfloat16), w) == "cpu_int4"
+    assert choose_path(inputs(257, k, dtype=torch.bfloat16), w) == "dequant"
     assert choose_path(inputs(1, k), w) == "dequant"  # float32 activations: the op is slow there
     assert choose_path(inputs(64, k), w) == "dequant"
     wc, _ = layer("per_channel")
