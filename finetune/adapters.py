@@ -183,11 +183,12 @@ def merged_state_dict(model: nn.Module, quantized_dtype=torch.bfloat16) -> dict[
         if ".lora_A." in name or ".lora_B." in name or any(name.startswith(f"{p}.") for p in quantized):
             continue
         state[name.replace(".base.", ".")] = t
-    for path, layer in quantized.items():
-        state[f"{path.removesuffix('.base')}.weight"] = layer.dequantized_weight(quantized_dtype)
+    for path, layer in quantized.items():  # one layer at a time onto the host: the GPU never holds a float copy
+        state[f"{path.removesuffix('.base')}.weight"] = layer.dequantized_weight(quantized_dtype).cpu()
     for path, layer in lora_layers(model).items():
         key = f"{path}.weight"
-        state[key] = (state[key].float() + layer.delta_weight().detach()).to(state[key].dtype)
+        delta = layer.delta_weight().detach().to(state[key].device)
+        state[key] = (state[key].float() + delta).to(state[key].dtype)
     return state
 
 

@@ -87,6 +87,9 @@ class TrainConfig:
         for key in ("micro_batch_size", "grad_accum", "cutoff_len", "keep_last"):
             if getattr(self, key) < 1:
                 raise LlamaInputError(f"{key} must be at least 1")
+        if self.quant != "none" and self.method not in ("lora", "prompt"):
+            raise LlamaInputError(f"quant = {self.quant!r} keeps the base frozen: use method lora or prompt, "
+                                  f"not {self.method!r}")
         if self.packing and (self.method == "prompt" or self.task not in ("sft", "pt")):
             raise LlamaInputError("packing works for sft and pt without prompt tuning")
         return self

@@ -101,8 +101,9 @@ def train(cfg: TrainConfig) -> dict:
 
     scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
     wrapped = task_model
-    if dp > 1:  # the frozen base is identical everywhere: don't make DDP broadcast it
+    if dp > 1:  # the frozen base is identical everywhere: don't make DDP broadcast it (int4 weights are buffers)
         frozen = [n for n, p in task_model.named_parameters() if not p.requires_grad]
+        frozen += [n for n, _ in task_model.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(task_model, frozen)
         wrapped = DistributedDataParallel(task_model, process_group=dp_group)
 

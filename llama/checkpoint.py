@@ -355,6 +355,24 @@ def checkpoint_index(ckpt_dir, args: ModelArgs, mp_rank: int = 0, mp_size: int =
     return {key: entry for key, entry in index.items() if not IGNORED_KEYS.search(key)}
 
 
+def assign_from_index(module: torch.nn.Module, index: dict, prefix: str, dtype=None, device="cpu") -> list[str]:
+    """Give each parameter of `module` (built on `meta`) the checkpoint tensor `prefix + name`
+    from checkpoint_index, shape-checked, in dtype (None: as stored) on device. Lets callers
+    load a model piece by piece. Returns the keys used."""
+    state = {}
+    for name, p in module.named_parameters():
+        key = prefix + name
+        if key not in index:
+            raise LlamaInputError(f"checkpoint lacks tensor {key}")
+        path, load = index[key]
+        t = load()
+        if tuple(t.shape) != tuple(p.shape):
+            raise LlamaInputError(f"{path}: tensor {key} has shape {tuple(t.shape)} but the config implies {tuple(p.shape)}")
+        state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    module.load_state_dict(state, strict=False, assign=True)
+    return [prefix + name for name in state]
+
+
 def iter_checkpoint(ckpt_dir, args: ModelArgs, mp_rank: int = 0, mp_size: int = 1):
     """(meta_key, tensor, source_file) for every tensor this rank needs, one at a time."""
     for key, (path, load) in checkpoint_index(ckpt_dir, args, mp_rank, mp_size).items():

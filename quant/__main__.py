@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n_samples", type=int, default=128, help="GPTQ calibration windows")
     p.add_argument("--seq_len", type=int, default=2048, help="tokens per calibration window")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal")
+    p.add_argument("--device", default="cpu", help="where each block and the calibration activations are processed (cuda for 7B and up)")
     p.add_argument("--tokenizer_path", help="sentencepiece tokenizer.model (default: in ckpt_dir or its parent); copied to --out")
     return p
 
@@ -32,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     from llama.checkpoint import read_model_args
-    from llama.generation import find_tokenizer
+    from llama.generation import check_vocab, find_tokenizer
     from llama.tokenizer import Tokenizer
     from quant.checkpoint import save_int4
     from quant.gptq import calibration_tokens, quantize_checkpoint
@@ -42,15 +43,25 @@ def main(argv=None) -> int:
             raise LlamaInputError(f"--group_size must be positive or -1, got {a.group_size}")
         if a.method == "gptq" and not a.calib:
             raise LlamaInputError("--method gptq needs --calib FILE (or use --method rtn)")
-        read_model_args(a.ckpt_dir)  # a missing or malformed folder is reported before anything else
+        if a.method == "rtn" and a.act_order:
+            raise LlamaInputError("--act_order is a GPTQ option (round-to-nearest has no column order)")
+        if a.n_samples < 1 or a.seq_len < 2:
+            raise LlamaInputError(f"--n_samples must be at least 1 and --seq_len at least 2, got {a.n_samples} and {a.seq_len}")
+        args = read_model_args(a.ckpt_dir)  # a missing or malformed folder is reported before anything else
         out = Path(a.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise LlamaInputError(f"{out}: exists and is not empty (or not a folder); choose another --out or remove it")
-        tokenizer_path = a.tokenizer_path or find_tokenizer(a.ckpt_dir)
-        calib = None
+        calib, tokenizer_path = None, a.tokenizer_path
         if a.method == "gptq":
-            calib = calibration_tokens(a.calib, Tokenizer(tokenizer_path), a.n_samples, a.seq_len)
-        model, stats = quantize_checkpoint(a.ckpt_dir, a.method, a.group_size, a.act_order, a.sym, calib, a.damp)
+            tokenizer_path = tokenizer_path or find_tokenizer(a.ckpt_dir)
+            tokenizer = Tokenizer(tokenizer_path)
+            check_vocab(args, tokenizer)
+            calib = calibration_tokens(a.calib, tokenizer, a.n_samples, a.seq_len)
+        elif tokenizer_path is None:  # rtn needs no tokenizer; copy one along if there is one
+            tokenizer_path = next((p for p in (Path(a.ckpt_dir) / "tokenizer.model", Path(a.ckpt_dir).parent / "tokenizer.model")
+                                   if p.is_file()), None)
+        model, stats = quantize_checkpoint(a.ckpt_dir, a.method, a.group_size, a.act_order, a.sym, calib, a.damp,
+                                           device=a.device)
         quant = {"group_size": a.group_size, "desc_act": a.act_order, "sym": a.sym, "damp_percent": a.damp,
                  "method": a.method}
         out = save_int4(model, a.out, quant, tokenizer_path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from llama.checkpoint import (
-    IGNORED_KEYS, _SkipInit, check_shard_count, hf_loader, hf_to_meta_key, hf_weight_files, load_model,
+    IGNORED_KEYS, _SkipInit, assign_from_index, check_shard_count, checkpoint_index, hf_loader, hf_to_meta_key, hf_weight_files, load_model,
     meta_to_hf_key, open_tensor_file, permute_rope_rows, quantization_config, save_safetensors, split_dim,
     unpermute_rope_rows,
 )
@@ -20,8 +20,8 @@ from llama.errors import LlamaInputError
 from llama.files import atomic_write_bytes, fsync_dir
 from llama.model import Transformer
 from llama.parallel import tensor_parallel_kind
-from quant.linear import Int4Linear, quantize_model_, quantized_linears
-from quant.pack import PER_WORD, Int4Weight, check_int4, pack_cols, unpack_cols
+from quant.linear import LAYER_LINEARS, Int4Linear, block_linears, meta_model_outside_blocks, quantized_layer, quantized_linears
+from quant.pack import PER_WORD, Int4Weight, check_int4, group_index, pack_cols, unpack_cols
 
 INT4_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -96,13 +96,16 @@ def load_int4(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_r
             plain[key] = (path, hf_loader(f, name, key, args))
     modules = dict(model.named_modules())
     for module_path, found in parts.items():
-        if module_path not in modules:
+        if module_path not in modules or not module_path.endswith(LAYER_LINEARS):  # e.g. a quantized lm_head
             raise LlamaInputError(f"{ckpt_dir}: unexpected quantized layer {module_path} for a {args.n_layers}-layer model")
-        missing = [p for p in INT4_PARTS if p not in found]
+        tensors = {part: f.get(name) for part, (_, f, name) in found.items()}
+        if "g_idx" not in tensors and "qweight" in tensors and not config.get("desc_act"):
+            tensors["g_idx"] = group_index(tensors["qweight"].shape[0] * PER_WORD, group_size)  # older files: implied
+        missing = [p for p in INT4_PARTS if p not in tensors]
         if missing:
             raise LlamaInputError(f"{found['qweight'][0] if 'qweight' in found else ckpt_dir}: quantized layer "
                                   f"{meta_to_hf_key(module_path + '.weight').removesuffix('.weight')} lacks {missing[0]}")
-        w = Int4Weight(*(found[p][1].get(found[p][2]) for p in INT4_PARTS))
+        w = Int4Weight(*(tensors[p] for p in INT4_PARTS))
         check_int4(w, meta_to_hf_key(module_path + ".weight").removesuffix(".weight"))
         old = modules[module_path]
         full_out, full_in = _full_shape(old, mp_size)
@@ -114,7 +117,7 @@ def load_int4(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_r
             w = select_columns(w, rope_column_order(w.out_features, args.n_heads if name == "wq" else args.n_kv_heads, False))
         kind = tensor_parallel_kind(old)
         w = tp_share(w, kind, mp_rank, mp_size)
-        bias = found["bias"][1].get(found["bias"][2]) if "bias" in found else None
+        bias = tensors.get("bias")
         if bias is not None and kind == "column":
             bias = bias.chunk(mp_size)[mp_rank]
         layer = Int4Linear.from_int4(Int4Weight(*(t.to(device) for t in w.tensors().values())), group_size, kind,
@@ -217,7 +220,8 @@ def load_base(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_r
               quant: str = "none", group_size: int = 128) -> Transformer:
     """The base model for fine-tuning or generation: a GPTQ folder loads as int4; a float
     checkpoint loads as is (quant none), or quantized on load: int4 by round-to-nearest with
-    `group_size`, or NF4 through bitsandbytes. Float weights pass through the host on the way."""
+    `group_size`, or NF4 through bitsandbytes, one block at a time (host memory holds one float
+    block, never the float model)."""
     if quantization_config(ckpt_dir):
         if quant != "int4":
             raise LlamaInputError(f"{ckpt_dir}: holds GPTQ int4 weights; use quant = int4 (--quant int4), not {quant!r}")
@@ -225,6 +229,12 @@ def load_base(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_r
     if quant == "none":
         return load_model(ckpt_dir, args, dtype, device, mp_rank, mp_size)
     check_shard_count(ckpt_dir, mp_size)
-    model = load_model(ckpt_dir, args, dtype, "cpu", mp_rank, mp_size)
-    quantize_model_(model, quant, group_size, device)
-    return model.to(device)
+    index = checkpoint_index(ckpt_dir, args, mp_rank, mp_size)
+    model = meta_model_outside_blocks(index, args, dtype, device, mp_size)
+    for i, block in enumerate(model.layers):  # one float block in host memory at a time
+        assign_from_index(block, index, f"layers.{i}.", dtype, "cpu")
+        for name, linear in block_linears(block).items():
+            parent, child = name.split(".")
+            setattr(getattr(block, parent), child, quantized_layer(f"layers.{i}.{name}", linear, quant, group_size, device))
+        block.to(device)
+    return model.eval()

@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from llama.checkpoint import checkpoint_index, read_model_args
+from llama.checkpoint import assign_from_index, checkpoint_index, read_model_args
 from llama.errors import LlamaInputError
 from llama.model import Transformer, attention_mask
-from quant.linear import LAYER_LINEARS, Int4Linear, check_group_size
+from quant.linear import Int4Linear, block_linears, check_group_size, meta_model_outside_blocks
 from quant.pack import Int4Weight, group_index, pack
 
 MAXQ = 15
@@ -52,7 +52,7 @@ def rtn(weight: torch.Tensor, group_size: int = 128, sym: bool = False) -> Int4W
     scale, zero = find_params(w.reshape(-1, size), sym)
     scale, zero = scale.view(out_features, -1, 1), zero.view(out_features, -1, 1)
     q = quantize_column(w, scale, zero).reshape(out_features, in_features)
-    return pack(q, zero[..., 0].t(), scale[..., 0].t(), group_index(in_features, group_size))
+    return pack(q, zero[..., 0].t(), scale[..., 0].t(), group_index(in_features, group_size).to(weight.device))
 
 
 class GPTQ:
@@ -75,7 +75,7 @@ class GPTQ:
                  damp: float = 0.01, block_size: int = 128) -> Int4Weight:
         """weight [out, in] -> int4. act_order takes columns by decreasing H[i, i] (the inputs
         with the most energy first, while there is the most freedom to absorb their error)."""
-        W = weight.detach().float().clone()
+        W = weight.detach().to(self.H.device, torch.float32, copy=True)
         out_features, in_features = W.shape
         H = self.H.clone()
         dead = torch.diag(H) == 0
@@ -88,7 +88,7 @@ class GPTQ:
             size = group_size
             if block_size % group_size:
                 block_size = group_size  # a group never straddles two blocks
-        perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features)
+        perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_features, device=W.device)
         W, H = W[:, perm], H[perm][:, perm]
         H.diagonal().add_(damp * torch.mean(torch.diag(H)))
         try:
@@ -100,7 +100,7 @@ class GPTQ:
         scales, zeros = [], []
         for i1 in range(0, in_features, block_size):
             i2 = min(i1 + block_size, in_features)
-            W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out_features, i2 - i1), Hinv[i1:i2, i1:i2]
+            W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(out_features, i2 - i1, device=W.device), Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = i1 + i
                 if group_size != -1 and col % group_size == 0:
@@ -116,11 +116,12 @@ class GPTQ:
                 Err1[:, i] = err
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
+        perm = perm.cpu()
         g_idx = torch.empty(in_features, dtype=torch.int32)
         g_idx[perm] = torch.arange(in_features, dtype=torch.int32) // size
-        q_orig = torch.empty_like(Q)
-        q_orig[:, perm] = Q
-        return pack(q_orig, torch.stack(zeros), torch.stack(scales), g_idx)
+        q_orig = torch.empty_like(Q, device="cpu")
+        q_orig[:, perm] = Q.cpu()
+        return pack(q_orig, torch.stack(zeros).cpu(), torch.stack(scales).cpu(), g_idx)
 
 
 # --- whole checkpoints -------------------------------------------------------------------------
@@ -132,7 +133,10 @@ def calibration_tokens(path, tokenizer, n_samples: int, seq_len: int) -> torch.T
     p = Path(path)
     if not p.is_file():
         raise LlamaInputError(f"{p}: calibration file not found")
-    tokens = tokenizer.encode(p.read_text(), bos=True, eos=False)
+    try:
+        tokens = tokenizer.encode(p.read_text(encoding="utf-8"), bos=True, eos=False)
+    except UnicodeDecodeError as e:
+        raise LlamaInputError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     need = n_samples * seq_len
     if len(tokens) < need:
         raise LlamaInputError(f"{p}: {len(tokens):,} tokens, too short for {n_samples} samples of {seq_len} "
@@ -143,8 +147,10 @@ def calibration_tokens(path, tokenizer, n_samples: int, seq_len: int) -> torch.T
 
 def quantize_checkpoint(ckpt_dir, method: str = "gptq", group_size: int = 128, act_order: bool = False,
                         sym: bool = False, calib: Optional[torch.Tensor] = None, damp: float = 0.01,
-                        batch_size: int = 8, progress: bool = True) -> tuple[Transformer, dict]:
+                        batch_size: int = 8, progress: bool = True, device="cpu") -> tuple[Transformer, dict]:
     """Quantize every block linear of a checkpoint, block by block. calib [n, seq] tokens (GPTQ).
+    Each block and the calibration activations visit `device` (a GPU makes GPTQ practical for
+    7B and up); the quantized model is returned on CPU.
 
     Returns the model with Int4Linear blocks (on CPU) and per-layer stats {path: relative output
     error on the calibration inputs} (GPTQ only)."""
@@ -154,45 +160,23 @@ def quantize_checkpoint(ckpt_dir, method: str = "gptq", group_size: int = 128, a
         raise LlamaInputError("GPTQ needs calibration text (--calib FILE)")
     args = read_model_args(ckpt_dir)
     index = checkpoint_index(ckpt_dir, args)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.tok_embeddings.to_empty(device="cpu")
-
-    def fill(module, prefix):
-        state = {}
-        for name, p in module.named_parameters(recurse=True):
-            key = f"{prefix}{name}"
-            if key not in index:
-                raise LlamaInputError(f"{ckpt_dir}: checkpoint lacks {key}")
-            t = index[key][1]().float()
-            if t.shape != p.shape:
-                raise LlamaInputError(f"{ckpt_dir}: tensor {key} has shape {tuple(t.shape)}, the config implies {tuple(p.shape)}")
-            state[name] = t
-        module.load_state_dict(state, assign=True)
-
-    fill(model.tok_embeddings, "tok_embeddings.")
-    fill(model.norm, "norm.")
-    if "output.weight" in index or not args.tie_word_embeddings:
-        fill(model.output, "output.")
-    else:
-        model.output.weight = model.tok_embeddings.weight
-    for i in range(args.n_layers):
-        for name in LAYER_LINEARS:
-            check_group_size(f"layers.{i}.{name}", getattr(getattr(model.layers[i], name.split(".")[0]), name.split(".")[1]).in_features, group_size)
+    model = meta_model_outside_blocks(index, args, torch.float32, "cpu")
+    for i, block in enumerate(model.layers):
+        for name, linear in block_linears(block).items():
+            check_group_size(f"layers.{i}.{name}", linear.in_features, group_size)
 
     stats = {}
     with torch.no_grad():
         if calib is not None and method == "gptq":
-            h = model.tok_embeddings(calib)  # [n, seq, dim]
+            h = model.tok_embeddings(calib).to(device)  # [n, seq, dim]
             seq = calib.shape[1]
-            positions = torch.arange(seq)[None]
-            cos, sin = model.rope(positions)
-            mask = attention_mask(seq, 0, None, "cpu")
+            cos, sin = model.rope(torch.arange(seq, device=device)[None])
+            mask = attention_mask(seq, 0, None, device)
         for i, block in enumerate(tqdm(model.layers, desc=f"quantizing ({method})", disable=not progress)):
-            fill(block, f"layers.{i}.")
-            linears = {name: getattr(getattr(block, name.split(".")[0]), name.split(".")[1]) for name in LAYER_LINEARS}
+            assign_from_index(block, index, f"layers.{i}.", torch.float32, device)
+            linears = block_linears(block)
             if method == "gptq":
-                gptqs = {name: GPTQ(lin.in_features) for name, lin in linears.items()}
+                gptqs = {name: GPTQ(lin.in_features, device) for name, lin in linears.items()}
                 hooks = [lin.register_forward_hook(lambda m, inp, out, g=gptqs[name]: g.add_batch(inp[0]))
                          for name, lin in linears.items()]
                 for start in range(0, h.shape[0], batch_size):
@@ -203,12 +187,14 @@ def quantize_checkpoint(ckpt_dir, method: str = "gptq", group_size: int = 128, a
                 w = gptqs[name].quantize(lin.weight, group_size, act_order, sym, damp) if method == "gptq" \
                     else rtn(lin.weight, group_size, sym)
                 parent, child = name.split(".")
-                setattr(getattr(block, parent), child, Int4Linear.from_int4(w, group_size))
+                setattr(getattr(block, parent), child, Int4Linear.from_int4(w, group_size).to(device))
                 if method == "gptq":
                     H = gptqs[name].H
-                    delta = lin.weight.float() - getattr(getattr(block, parent), child).dequantized_weight()
+                    delta = lin.weight.float() - block_linears(block)[name].dequantized_weight()
                     stats[f"layers.{i}.{name}"] = float(torch.trace(delta @ H @ delta.t()) /
                                                         torch.trace(lin.weight.float() @ H @ lin.weight.float().t()))
-            if method == "gptq":  # the next block calibrates on what this quantized block outputs
-                h = torch.cat([block(h[s:s + batch_size], 0, cos, sin, mask) for s in range(0, h.shape[0], batch_size)])
+            if method == "gptq":  # the next block calibrates on what this quantized block outputs (in place)
+                for s in range(0, h.shape[0], batch_size):
+                    h[s:s + batch_size] = block(h[s:s + batch_size], 0, cos, sin, mask)
+            block.to("cpu")
     return model.eval(), stats

@@ -16,9 +16,10 @@ import torch
 
 from quant.pack import PER_WORD, Int4Weight, dequantize
 
-# rows at or below which the fused kernel / int4 op beat dequantize-then-matmul: on GPU measured
-# by the Triton kernel's design (decode batches); on CPU by bench/int4_matmul.py (the op at M=64
-# takes 1.6x float32 dense, dequantizing to bf16 then multiplying 6x; they meet near M=256)
+# rows at or below which the fused kernel / int4 op beat dequantize-then-matmul. GPU: decode
+# batches, by design (not yet measured: no GPU so far). CPU, from bench/int4_matmul.py: at M=64
+# the op takes 1.4x the float32 dense time, dequantizing to bf16 then multiplying 6x; at M=256
+# the op and dequantize-to-float32-then-multiply take about the same
 SMALL_M = 16
 CPU_OP_MAX_M = 256
 CPU_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu takes

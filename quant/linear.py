@@ -3,7 +3,8 @@
 
 Both keep the LoRA interface of finetune/lora.py: `in_features` / `out_features` (this rank's
 share), `tensor_parallel` (None, "column" or "row") and `dequantized_weight()` for merging. Their
-weights are frozen buffers; gradients flow to the input only.
+weights are frozen (Int4Linear's are buffers, NF4's a bitsandbytes Params4bit without grad);
+gradients flow to the input only.
 """
 from typing import Optional
 
@@ -80,10 +81,18 @@ class Int4Linear(nn.Module):
         def local(x):
             x = autocast_input(x)
             with torch.autocast(x.device.type, enabled=False):
-                y = int4_matmul(x, self.int4())
-            return y if self.bias is None else y + self.bias.to(y.dtype)
+                return int4_matmul(x, self.int4())
 
-        return parallel_forward(self, x, local)
+        y = parallel_forward(self, x, local)  # the bias once, after row-parallel partial sums
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def _apply(self, fn, recurse=True):
+        """Moves and casts (model.to(device, bf16)) leave the GPTQ tensors' dtypes alone: scales
+        stay fp16 as stored, and kernel caches built for the old tensors are dropped."""
+        super()._apply(fn, recurse)
+        self.scales.data = self.scales.data.to(torch.float16)
+        self._cache.clear()
+        return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
@@ -129,6 +138,34 @@ def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {path: m for path, m in model.named_modules() if isinstance(m, (Int4Linear, NF4Linear))}
 
 
+def block_linears(block: nn.Module) -> dict[str, nn.Module]:
+    """A transformer block's linears by their LAYER_LINEARS name (attention.wq ...)."""
+    return {name: getattr(getattr(block, name.split(".")[0]), name.split(".")[1]) for name in LAYER_LINEARS}
+
+
+def meta_model_outside_blocks(index: dict, args, dtype, device, mp_size: int = 1):
+    """A Transformer on `meta` with everything outside the blocks (embeddings, final norm,
+    output) read from checkpoint_index `index`; the blocks stay on meta for the caller to fill
+    one at a time. Tensors of the checkpoint that the model has no place for are reported."""
+    from llama.checkpoint import _SkipInit, assign_from_index
+    from llama.model import Transformer
+
+    with torch.device("meta"), _SkipInit():
+        model = Transformer(args)
+    known = set(model.state_dict())
+    unexpected = sorted(set(index) - known - ({"output.weight"} if args.tie_word_embeddings else set()))
+    if unexpected:
+        path = index[unexpected[0]][0]
+        raise LlamaInputError(f"{path}: unexpected tensor {unexpected[0]} for a {args.n_layers}-layer model")
+    assign_from_index(model.tok_embeddings, index, "tok_embeddings.", dtype, device)
+    assign_from_index(model.norm, index, "norm.", dtype, device)
+    if "output.weight" in index or not args.tie_word_embeddings or mp_size > 1:
+        assign_from_index(model.output, index, "output.", dtype, device)
+    else:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
 def swap_linears(model: nn.Module, make, device=None) -> list[str]:
     """Replace each transformer block's linears by make(path, linear) (the output layer stays),
     one at a time so the float weights are freed as we go. Returns the replaced paths."""
@@ -144,21 +181,23 @@ def swap_linears(model: nn.Module, make, device=None) -> list[str]:
     return done
 
 
-def quantize_model_(model: nn.Module, quant: str, group_size: int = 128, device=None) -> nn.Module:
-    """Quantize every block linear of a float model in place: int4 by round-to-nearest (GPTQ
-    needs calibration data: `python -m quant`), or NF4 through bitsandbytes."""
+def quantized_layer(path: str, linear: nn.Module, quant: str, group_size: int = 128, device=None) -> nn.Module:
+    """The int4 (round-to-nearest; GPTQ needs calibration data: `python -m quant`) or NF4
+    (bitsandbytes) replacement of a float linear, on device, split the way it is."""
     from quant.gptq import rtn
 
-    def make(path, linear):
-        kind = tensor_parallel_kind(linear)
-        if quant == "int4":
-            check_group_size(path, linear.weight.shape[1], group_size)
-            return Int4Linear.from_int4(rtn(linear.weight.detach().float(), group_size), group_size, kind)
-        if quant == "nf4":
-            return NF4Linear(linear.weight, kind, compute_dtype=linear.weight.dtype, device=device)
-        raise LlamaInputError(f"unknown quant {quant!r}: use none, int4 or nf4")
+    kind = tensor_parallel_kind(linear)
+    if quant == "int4":
+        check_group_size(path, linear.weight.shape[1], group_size)
+        return Int4Linear.from_int4(rtn(linear.weight.detach().float(), group_size), group_size, kind).to(device)
+    if quant == "nf4":
+        return NF4Linear(linear.weight, kind, compute_dtype=linear.weight.dtype, device=device)
+    raise LlamaInputError(f"unknown quant {quant!r}: use none, int4 or nf4")
 
-    swap_linears(model, make, device)
+
+def quantize_model_(model: nn.Module, quant: str, group_size: int = 128, device=None) -> nn.Module:
+    """Quantize every block linear of a float model in place (the output layer stays float)."""
+    swap_linears(model, lambda path, linear: quantized_layer(path, linear, quant, group_size, device), device)
     return model
 
 

@@ -507,3 +507,28 @@ def test_quant_int4_on_load_of_a_float_checkpoint(tmp_path):
     x = tokens(seed=9)
     want = logits_of(ref, x)
     assert (logits_of(model, x) - want).norm() <= 0.2 * want.norm()
+
+
+def test_folder_without_g_idx_loads_with_implied_groups(tmp_path):
+    """Older GPTQ-for-LLaMa files carry no g_idx; without act-order it is i // group_size."""
+    folder = tmp_path / "no_g_idx"
+    drop = tuple(f"model.layers.{i}.{HF_LAYER_NAMES[name]}.g_idx" for i in range(N_LAYERS) for name in LINEARS)
+    write_gptq_folder(folder, seed=3, act_order_layers=(), drop=drop)
+    (folder / "config.json").write_text(json.dumps(hf_config_dict({**QUANT_CONFIG, "desc_act": False}), indent=2))
+    model = load_base(folder, read_model_args(folder), quant="int4")
+    for path, layer in int4_layers(model).items():
+        assert torch.equal(layer.g_idx, torch.arange(layer.in_features, dtype=torch.int32) // GROUP), path
+    assert torch.isfinite(logits_of(model, tokens())).all()
+    (folder / "config.json").write_text(json.dumps(hf_config_dict(QUANT_CONFIG), indent=2))  # desc_act: true
+    with pytest.raises(LlamaInputError, match="lacks g_idx"):
+        load_base(folder, read_model_args(folder), quant="int4")
+
+
+def test_a_quantized_lm_head_is_refused(tmp_path):
+    """Only the blocks' linears may be int4: a quantized output layer would lose its gather."""
+    folder = tmp_path / "q_lm_head"
+    gen = torch.Generator().manual_seed(4)
+    extra = {f"lm_head.{part}": v for part, v in random_int4(VOCAB, DIM, GROUP, False, gen).items()}
+    write_gptq_folder(folder, seed=4, drop=("lm_head.weight",), replace=extra)
+    with pytest.raises(LlamaInputError, match="unexpected quantized layer"):
+        load_base(folder, read_model_args(folder), quant="int4")

@@ -167,6 +167,8 @@ def error_case(ckpt, tmp_path, case):
     d, calib = ckpt
     short = tmp_path / "short.txt"
     short.write_text("The cat sees the dog.")
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"The cat \xff\xfe sees the dog. " * 50)
     return {
         "gptq_without_calib": (["--method", "gptq"], ["--calib"]),
         "calib_too_short": (["--method", "gptq", "--calib", short, "--n_samples", 4, "--seq_len", 32],
@@ -175,11 +177,15 @@ def error_case(ckpt, tmp_path, case):
                           ["nope.txt", "not found"]),
         "group_size_not_dividing": (["--method", "rtn", "--group_size", 48], ["48", "64"]),
         "group_size_zero": (["--method", "rtn", "--group_size", 0], ["--group_size"]),
+        "n_samples_zero": (["--method", "gptq", "--calib", calib, "--n_samples", 0], ["--n_samples"]),
+        "rtn_act_order": (["--method", "rtn", "--act_order"], ["--act_order"]),
+        "calib_not_utf8": (["--method", "gptq", "--calib", binary, "--n_samples", 1, "--seq_len", 8], ["UTF-8"]),
     }[case]
 
 
 @pytest.mark.parametrize("case", ["gptq_without_calib", "calib_too_short", "calib_missing",
-                                  "group_size_not_dividing", "group_size_zero"])
+                                  "group_size_not_dividing", "group_size_zero", "n_samples_zero",
+                                  "rtn_act_order", "calib_not_utf8"])
 def test_errors_exit_2_and_leave_nothing(ckpt, tmp_path, capsys, case):
     d, _ = ckpt
     argv, expect = error_case(ckpt, tmp_path, case)

@@ -377,3 +377,13 @@ def test_example_int4_on_load_and_from_a_gptq_folder_generate_the_same_text(fp16
     assert f"adapter {adapter}" in tuned_float
     assert tuned_float == tuned_folder, (tuned_float, tuned_folder)
     assert tuned_float.split("\n", 1)[1] != from_float  # the adapter changed the answers
+
+
+@pytest.mark.parametrize("method", ["full", "freeze"])
+def test_quantized_base_trains_adapters_only(method):
+    """int4/NF4 weights are frozen buffers: full or freeze tuning on them is refused up front."""
+    from finetune.config import TrainConfig
+    from llama.errors import LlamaInputError
+
+    with pytest.raises(LlamaInputError, match="lora or prompt"):
+        TrainConfig(quant="int4", method=method).check()
