@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from llama.checkpoint import (
-    IGNORED_KEYS, _SkipInit, assign_from_index, check_shard_count, checkpoint_index, hf_loader, hf_to_meta_key, hf_weight_files, load_model,
+    IGNORED_KEYS, assign_from_index, check_shard_count, checkpoint_index, hf_loader, hf_to_meta_key, hf_weight_files, load_model,
     meta_to_hf_key, open_tensor_file, permute_rope_rows, quantization_config, save_safetensors, split_dim,
     unpermute_rope_rows,
 )
@@ -84,19 +84,21 @@ def load_int4(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_r
     each rank takes its share of the one whole checkpoint."""
     config = read_quant_config(ckpt_dir)
     group_size = int(config.get("group_size", -1))
-    with torch.device("meta"), _SkipInit():
-        model = Transformer(args)
     parts: dict[str, dict] = {}
-    plain = {}
+    plain = {}  # the float tensors, as a checkpoint_index of this rank's shares
     for path, f, name, key in _iter_names(ckpt_dir):
         if key.endswith(INT4_PARTS + ("bias",)):
             module, part = key.rsplit(".", 1)
             parts.setdefault(module, {})[part] = (path, f, name)
         else:
-            plain[key] = (path, hf_loader(f, name, key, args))
+            plain[key] = (path, _share(hf_loader(f, name, key, args), split_dim(key), mp_rank, mp_size))
+    for module_path in parts:
+        if not module_path.endswith(LAYER_LINEARS):  # e.g. a quantized lm_head: ours stays float
+            raise LlamaInputError(f"{ckpt_dir}: unexpected quantized layer {module_path} (only the blocks' linears may be int4)")
+    model = meta_model_outside_blocks(plain, args, dtype, device, mp_size)
     modules = dict(model.named_modules())
     for module_path, found in parts.items():
-        if module_path not in modules or not module_path.endswith(LAYER_LINEARS):  # e.g. a quantized lm_head
+        if module_path not in modules:
             raise LlamaInputError(f"{ckpt_dir}: unexpected quantized layer {module_path} for a {args.n_layers}-layer model")
         tensors = {part: f.get(name) for part, (_, f, name) in found.items()}
         if "g_idx" not in tensors and "qweight" in tensors and not config.get("desc_act"):
@@ -124,25 +126,16 @@ def load_int4(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_r
                                      None if bias is None else bias.to(device, torch.float32))
         parent, child = module_path.rsplit(".", 1)
         setattr(modules[parent], child, layer)
-    expected = {k: v.shape for k, v in model.state_dict().items() if v.is_meta}
-    state = {}
-    for key, (path, load) in plain.items():
-        if key not in expected:
-            raise LlamaInputError(f"{path}: unexpected tensor {key} for a {args.n_layers}-layer model")
-        t = load()
-        dim = split_dim(key)
-        if dim is not None and mp_size > 1:
-            t = t.chunk(mp_size, dim=dim)[mp_rank]
-        if tuple(t.shape) != tuple(expected[key]):
-            raise LlamaInputError(f"{path}: tensor {key} has shape {tuple(t.shape)} but the config implies {tuple(expected[key])}")
-        state[key] = t.to(device=device, dtype=dtype)
-    if "output.weight" not in state and args.tie_word_embeddings and mp_size == 1:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise LlamaInputError(f"{ckpt_dir}: checkpoint lacks {len(missing)} tensor(s), e.g. {missing[0]}")
-    model.load_state_dict(state, strict=False, assign=True)
+    for i, block in enumerate(model.layers):  # norms (and any linear the file left in float)
+        assign_from_index(block, plain, f"layers.{i}.", dtype, device)
     return model.eval()
+
+
+def _share(load, dim, rank: int, size: int):
+    """A loader for this rank's slice of a whole tensor split on `dim` (None: replicated)."""
+    if dim is None or size == 1:
+        return load
+    return lambda: load().chunk(size, dim=dim)[rank]
 
 
 def _iter_names(ckpt_dir):
