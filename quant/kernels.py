@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from quant.pack import PER_WORD, Int4Weight, dequantize
+from quant.pack import PER_WORD, Int4Weight, dequantize, unpack_cols, unpack_rows
 
 # rows at or below which the fused kernel / int4 op beat dequantize-then-matmul. GPU: decode
 # batches, by design (not yet measured: no GPU so far). CPU, from bench/int4_matmul.py: at M=64
@@ -39,15 +39,29 @@ def scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return buf[:numel]
 
 
+def cached(w: Int4Weight, name: str, tensors: tuple, build):
+    """build(), kept in the layer's cache while `tensors` are the same, unchanged tensors (forms
+    derived from the weight are rebuilt only when it is reloaded or moved)."""
+    # inference tensors (a layer built under inference_mode) have no version counter
+    version = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in tensors)
+    hit = w.cache.get(name)
+    if hit is None or hit[0] != version:
+        hit = w.cache[name] = (version, build())
+    return hit[1]
+
+
 def contiguous_groups(w: Int4Weight) -> Optional[int]:
-    """The group size when g_idx is plain i // group_size with whole groups (no act-order), else None."""
-    k, groups = w.in_features, w.scales.shape[0]
-    if k % groups:
-        return None
-    size = k // groups
-    g_idx = w.g_idx
-    expected = torch.arange(k, device=g_idx.device, dtype=g_idx.dtype) // size
-    return size if torch.equal(g_idx, expected) else None
+    """The group size when g_idx is plain i // group_size with whole groups (no act-order), else
+    None. Checked once per layer, not per call (the comparison syncs a GPU)."""
+    def check():
+        k, groups = w.in_features, w.scales.shape[0]
+        if k % groups:
+            return None
+        size = k // groups
+        expected = torch.arange(k, device=w.g_idx.device, dtype=w.g_idx.dtype) // size
+        return size if torch.equal(w.g_idx, expected) else None
+
+    return cached(w, "contiguous_groups", (w.g_idx, w.scales), check)
 
 
 def dequantize_into(w: Int4Weight, dtype: torch.dtype, out: Optional[torch.Tensor] = None,
@@ -62,8 +76,7 @@ def dequantize_into(w: Int4Weight, dtype: torch.dtype, out: Optional[torch.Tenso
     q = torch.stack((b & 0xF, b >> 4), dim=-1)  # [k/8, n, byte, nibble]: feature 8w + 2*byte + nibble
     q = q.permute(0, 2, 3, 1).reshape(k, n) if transposed else q.permute(1, 0, 2, 3).reshape(n, k)
     out = q.to(dtype) if out is None else out.view(q.shape).copy_(q)
-    zeros = ((w.qzeros.unsqueeze(-1) >> torch.arange(0, 32, 4, device=w.qzeros.device, dtype=torch.int32)) & 0xF)
-    zeros = zeros.reshape(w.qzeros.shape[0], n).to(dtype) + 1  # [groups, out]
+    zeros = unpack_cols(w.qzeros).to(dtype) + 1  # [groups, out]
     scales = w.scales.to(dtype)
     size = contiguous_groups(w)
     if size is not None and transposed:
@@ -99,23 +112,18 @@ def cpu_int4_weights(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The op's packed weight [out, in/2] and scales_and_zeros [in/group, out, 2] (bf16), built
     once per layer and kept while its tensors are unchanged. GPTQ's s * (q - z) is the op's
     (q - 8) * s + zf with zf = s * (8 - z); one per-channel group becomes groups of 128."""
-    # inference tensors (a layer built under inference_mode) have no version counter
-    version = (w.qweight.data_ptr(), *(0 if t.is_inference() else t._version for t in (w.qweight, w.qzeros, w.scales)))
-    hit = w.cache.get("cpu_int4")
-    if hit is not None and hit[0] == version:
-        return hit[1]
-    size = contiguous_groups(w)
-    q = (w.qweight.unsqueeze(1) >> torch.arange(0, 32, 4, dtype=torch.int32).view(1, -1, 1)) & 0xF
-    q = q.reshape(w.in_features, w.out_features).t().contiguous()  # [out, in] int32
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    zeros = (((w.qzeros.unsqueeze(-1) >> torch.arange(0, 32, 4, dtype=torch.int32)) & 0xF).reshape(-1, w.out_features) + 1).float()
-    scales = w.scales.float()
-    if size not in CPU_GROUP_SIZES:  # per-channel: repeat the one group's scale over groups of 128
-        repeat, size = w.in_features // 128, 128
-        zeros, scales = zeros.repeat(repeat, 1), scales.repeat(repeat, 1)
-    scales_and_zeros = torch.stack((scales, scales * (8 - zeros)), dim=-1).to(torch.bfloat16).contiguous()
-    w.cache["cpu_int4"] = (version, (packed, scales_and_zeros, size))
-    return packed, scales_and_zeros, size
+    def build():
+        size = contiguous_groups(w)
+        q = unpack_rows(w.qweight).t().to(torch.int32).contiguous()  # [out, in]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        zeros, scales = unpack_cols(w.qzeros).float() + 1, w.scales.float()
+        if size not in CPU_GROUP_SIZES:  # per-channel: repeat the one group's scale over groups of 128
+            repeat, size = w.in_features // 128, 128
+            zeros, scales = zeros.repeat(repeat, 1), scales.repeat(repeat, 1)
+        scales_and_zeros = torch.stack((scales, scales * (8 - zeros)), dim=-1).to(torch.bfloat16).contiguous()
+        return packed, scales_and_zeros, size
+
+    return cached(w, "cpu_int4", (w.qweight, w.qzeros, w.scales), build)
 
 
 def _cpu_int4(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
