@@ -412,6 +412,26 @@ class _SkipInit(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def meta_model_outside_blocks(index: dict, args, dtype, device, mp_size: int = 1):
+    """A Transformer on `meta` with everything outside the blocks (embeddings, final norm,
+    output) read from checkpoint_index `index`; the blocks stay on meta for the caller to fill
+    one at a time. Tensors of the checkpoint that the model has no place for are reported."""
+    with torch.device("meta"), _SkipInit():
+        model = Transformer(args)
+    known = set(model.state_dict())
+    unexpected = sorted(set(index) - known - ({"output.weight"} if args.tie_word_embeddings else set()))
+    if unexpected:
+        path = index[unexpected[0]][0]
+        raise LlamaInputError(f"{path}: unexpected tensor {unexpected[0]} for a {args.n_layers}-layer model")
+    assign_from_index(model.tok_embeddings, index, "tok_embeddings.", dtype, device)
+    assign_from_index(model.norm, index, "norm.", dtype, device)
+    if "output.weight" in index or not args.tie_word_embeddings or mp_size > 1:
+        assign_from_index(model.output, index, "output.", dtype, device)
+    else:
+        model.output.weight = model.tok_embeddings.weight
+    return model
+
+
 def load_model(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_rank=0, mp_size=1) -> Transformer:
     """Build the model on `meta`, then assign each checkpoint tensor (converted to dtype/device)
     after checking it against the shape the config implies."""

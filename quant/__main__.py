@@ -58,8 +58,10 @@ def main(argv=None) -> int:
             check_vocab(args, tokenizer)
             calib = calibration_tokens(a.calib, tokenizer, a.n_samples, a.seq_len)
         elif tokenizer_path is None:  # rtn needs no tokenizer; copy one along if there is one
-            tokenizer_path = next((p for p in (Path(a.ckpt_dir) / "tokenizer.model", Path(a.ckpt_dir).parent / "tokenizer.model")
-                                   if p.is_file()), None)
+            try:
+                tokenizer_path = find_tokenizer(a.ckpt_dir)
+            except LlamaInputError:
+                pass
         model, stats = quantize_checkpoint(a.ckpt_dir, a.method, a.group_size, a.act_order, a.sym, calib, a.damp,
                                            device=a.device)
         quant = {"group_size": a.group_size, "desc_act": a.act_order, "sym": a.sym, "damp_percent": a.damp,

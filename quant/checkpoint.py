@@ -11,16 +11,16 @@ from pathlib import Path
 import torch
 
 from llama.checkpoint import (
-    IGNORED_KEYS, assign_from_index, check_shard_count, checkpoint_index, hf_loader, hf_to_meta_key, hf_weight_files, load_model,
-    meta_to_hf_key, open_tensor_file, permute_rope_rows, quantization_config, save_safetensors, split_dim,
-    unpermute_rope_rows,
+    IGNORED_KEYS, assign_from_index, check_shard_count, checkpoint_index, hf_loader, hf_to_meta_key, hf_weight_files,
+    load_model, meta_model_outside_blocks, meta_to_hf_key, open_tensor_file, permute_rope_rows, quantization_config,
+    save_safetensors, split_dim, unpermute_rope_rows,
 )
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
 from llama.files import atomic_write_bytes, fsync_dir
 from llama.model import Transformer
 from llama.parallel import tensor_parallel_kind
-from quant.linear import LAYER_LINEARS, Int4Linear, block_linears, meta_model_outside_blocks, quantized_layer, quantized_linears
+from quant.linear import LAYER_LINEARS, Int4Linear, block_linears, quantized_layer, quantized_linears
 from quant.pack import PER_WORD, Int4Weight, check_int4, group_index, pack_cols, unpack_cols
 
 INT4_PARTS = ("qweight", "qzeros", "scales", "g_idx")

@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from llama.checkpoint import assign_from_index, checkpoint_index, read_model_args
+from llama.checkpoint import assign_from_index, checkpoint_index, meta_model_outside_blocks, read_model_args
 from llama.errors import LlamaInputError
 from llama.model import Transformer, attention_mask
-from quant.linear import Int4Linear, block_linears, check_group_size, meta_model_outside_blocks
+from quant.linear import Int4Linear, block_linears, check_group_size
 from quant.pack import Int4Weight, group_index, pack
 
 MAXQ = 15

@@ -143,29 +143,6 @@ def block_linears(block: nn.Module) -> dict[str, nn.Module]:
     return {name: getattr(getattr(block, name.split(".")[0]), name.split(".")[1]) for name in LAYER_LINEARS}
 
 
-def meta_model_outside_blocks(index: dict, args, dtype, device, mp_size: int = 1):
-    """A Transformer on `meta` with everything outside the blocks (embeddings, final norm,
-    output) read from checkpoint_index `index`; the blocks stay on meta for the caller to fill
-    one at a time. Tensors of the checkpoint that the model has no place for are reported."""
-    from llama.checkpoint import _SkipInit, assign_from_index
-    from llama.model import Transformer
-
-    with torch.device("meta"), _SkipInit():
-        model = Transformer(args)
-    known = set(model.state_dict())
-    unexpected = sorted(set(index) - known - ({"output.weight"} if args.tie_word_embeddings else set()))
-    if unexpected:
-        path = index[unexpected[0]][0]
-        raise LlamaInputError(f"{path}: unexpected tensor {unexpected[0]} for a {args.n_layers}-layer model")
-    assign_from_index(model.tok_embeddings, index, "tok_embeddings.", dtype, device)
-    assign_from_index(model.norm, index, "norm.", dtype, device)
-    if "output.weight" in index or not args.tie_word_embeddings or mp_size > 1:
-        assign_from_index(model.output, index, "output.", dtype, device)
-    else:
-        model.output.weight = model.tok_embeddings.weight
-    return model
-
-
 def swap_linears(model: nn.Module, make, device=None) -> list[str]:
     """Replace each transformer block's linears by make(path, linear) (the output layer stays),
     one at a time so the float weights are freed as we go. Returns the replaced paths."""
