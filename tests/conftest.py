@@ -1,4 +1,5 @@
 """Shared fixtures: a sentencepiece tokenizer trained once per session, tiny configs."""
+import json
 import sys
 from pathlib import Path
 
@@ -19,6 +20,32 @@ HF_LAYER_NAMES = {
     "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
     "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+
+
+
+
+def meta_to_hf_rows(w, n_heads: int):
+    """Meta q/k rows (rotate interleaved pairs) -> HF rows (rotate halves), per head, as
+    REFERENCE.md writes it: the tests' own converter, independent of llama/checkpoint.py."""
+    hd = w.shape[0] // n_heads
+    return w.reshape(n_heads, hd // 2, 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def hf_to_meta_rows(w, n_heads: int):
+    """The inverse of meta_to_hf_rows."""
+    hd = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, hd // 2, -1).transpose(1, 2).reshape(w.shape)
+
+
+def metrics_by_step(out_dir) -> dict:
+    """{(step, 'train'|'eval'): record} from a run's metrics.jsonl; a step logged twice fails."""
+    out = {}
+    for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        key = (r["step"], "eval" if "eval_loss" in r else "train")
+        assert key not in out, f"{key} logged twice"
+        out[key] = r
+    return out
 
 
 @pytest.fixture(scope="session")

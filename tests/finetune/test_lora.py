@@ -24,7 +24,7 @@ from finetune.lora import LoRALinear, apply_lora, lora_layers, resolve_targets, 
 from llama.errors import LlamaInputError  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
-from tests.conftest import HF_LAYER_NAMES, tiny_args  # noqa: E402
+from tests.conftest import HF_LAYER_NAMES, hf_to_meta_rows, meta_to_hf_rows, tiny_args  # noqa: E402
 
 HF_NAME = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
            "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
@@ -37,15 +37,8 @@ TOL_LOGITS = 1e-4  # ours vs HF/PEFT logits, absolute (logits are O(1))
 # --- the test's own reference helpers (shared with the other finetune test files) ---------------
 
 
-def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta q/k rows (rotate interleaved pairs) -> HF rows (rotate halves), per head."""
-    hd = w.shape[0] // n_heads
-    return w.reshape(n_heads, hd // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
-def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    hd = w.shape[0] // n_heads
-    return w.reshape(n_heads, 2, hd // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def init_weights(model: Transformer, seed: int = 0) -> Transformer:

@@ -17,7 +17,7 @@ from finetune.demo import FACTS
 from finetune.trainer import train
 from llama.tiny import random_model
 from llama.checkpoint import save_checkpoint
-from tests.conftest import ROOT, tiny_args
+from tests.conftest import ROOT, metrics_by_step as metrics, tiny_args
 
 DEMO_TRAIN, DEMO_EVAL = ROOT / "data" / "demo" / "train.jsonl", ROOT / "data" / "demo" / "eval.jsonl"
 COLUMN, ROW = ("wq", "wk", "wv", "w1", "w3", "output"), ("wo", "w2", "tok_embeddings")  # fairscale layout
@@ -77,15 +77,6 @@ def one_process(ckpt, out_dir, **kw) -> dict:
     return train(TrainConfig(**{**COMMON, "ckpt_dir": str(ckpt), "out_dir": str(out_dir), **kw}).check())
 
 
-def metrics(out_dir) -> dict:
-    """{(step, 'train'|'eval'): record} from metrics.jsonl; a step logged twice fails."""
-    out = {}
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        key = (r["step"], "eval" if "eval_loss" in r else "train")
-        assert key not in out, f"{key} logged twice"
-        out[key] = r
-    return out
 
 
 def assert_same_run(got_dir, want_dir, tol, steps=None, names=("loss", "grad_norm", "lr", "eval_loss")):

@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from llama.checkpoint import detect_format, load_model, read_model_args  # noqa: E402
 from llama.model import rope_frequencies  # noqa: E402
-from tests.conftest import HF_LAYER_NAMES  # noqa: E402
+from tests.conftest import HF_LAYER_NAMES, hf_to_meta_rows  # noqa: E402
 
 DIM, N_LAYERS, N_HEADS, VOCAB, SEQ = 64, 2, 4, 384, 40
 NORM_EPS = 1e-5
@@ -102,10 +102,6 @@ def build_hf_model(case: Case, seed: int = 0, tie: bool = False) -> LlamaForCaus
     return model.eval()
 
 
-def _hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """HF q/k rows (rotate halves) -> Meta rows (rotate interleaved pairs)."""
-    head_dim = w.shape[0] // n_heads
-    return w.view(n_heads, 2, head_dim // 2, w.shape[1]).transpose(1, 2).reshape(n_heads * head_dim, w.shape[1])
 
 
 def hf_state_to_meta(sd: dict, n_layers: int, n_heads: int, n_kv_heads: int) -> dict:
@@ -119,7 +115,7 @@ def hf_state_to_meta(sd: dict, n_layers: int, n_heads: int, n_kv_heads: int) -> 
     for i in range(n_layers):
         for meta, hf in HF_LAYER_NAMES.items():
             w = sd[f"model.layers.{i}.{hf}.weight"]
-            out[f"layers.{i}.{meta}.weight"] = _hf_to_meta_rows(w, rope_heads[meta]) if meta in rope_heads else w
+            out[f"layers.{i}.{meta}.weight"] = hf_to_meta_rows(w, rope_heads[meta]) if meta in rope_heads else w
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 

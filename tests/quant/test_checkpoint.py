@@ -32,7 +32,7 @@ from quant.checkpoint import load_base, load_int4, save_int4, tp_share
 from quant.gptq import quantize_checkpoint
 from quant.linear import Int4Linear
 from quant.pack import Int4Weight
-from tests.conftest import HF_LAYER_NAMES, TOKENIZER_VOCAB, tiny_args
+from tests.conftest import HF_LAYER_NAMES, TOKENIZER_VOCAB, hf_to_meta_rows, meta_to_hf_rows, tiny_args
 
 DIM, N_LAYERS, N_HEADS, N_KV_HEADS, HIDDEN, VOCAB = 64, 2, 4, 2, 192, TOKENIZER_VOCAB
 HEAD_DIM = DIM // N_HEADS
@@ -94,15 +94,8 @@ def dequant64(t) -> torch.Tensor:
     return (scales[g] * (q - zeros[g]).double()).t()
 
 
-def meta_to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Meta q/k rows (pairs (2i, 2i+1) rotate together) -> HF rows (i and i + head_dim/2)."""
-    hd = w.shape[0] // n_heads
-    return w.reshape(n_heads, hd // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
 
-def hf_to_meta_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    hd = w.shape[0] // n_heads
-    return w.reshape(n_heads, 2, hd // 2, -1).transpose(1, 2).reshape(w.shape)
 
 
 def random_int4(out_features: int, in_features: int, group_size: int, act_order: bool, gen) -> dict:

@@ -7,7 +7,6 @@ which divides the local input width of the row-parallel layers (wo: 64, w2: 192 
 every feature count is a multiple of 8. For NF4 the row-parallel local widths are multiples of
 bitsandbytes' block of 64, so each shard's blocks are blocks of the whole weight (see
 test_nf4_shards_quantize_like_slices_of_the_whole for what differs anyway, and why)."""
-import json
 import os
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ from finetune.trainer import train
 from llama.checkpoint import load_model, read_model_args, save_checkpoint
 from llama.tiny import random_model
 from quant.linear import NF4Linear
-from tests.conftest import ROOT, tiny_args
+from tests.conftest import ROOT, metrics_by_step as metrics, tiny_args
 
 DEMO_TRAIN, DEMO_EVAL = ROOT / "data" / "demo" / "train.jsonl", ROOT / "data" / "demo" / "eval.jsonl"
 ARGS = dict(dim=128, n_heads=4, n_kv_heads=2, multiple_of=64)
@@ -55,15 +54,6 @@ def one_process(ckpt, out_dir, **kw) -> dict:
     return train(TrainConfig(**{**COMMON, "ckpt_dir": str(ckpt), "out_dir": str(out_dir), **kw}).check())
 
 
-def metrics(out_dir) -> dict:
-    """{(step, 'train'|'eval'): record}; a step logged twice fails."""
-    out = {}
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        key = (r["step"], "eval" if "eval_loss" in r else "train")
-        assert key not in out, f"{key} logged twice"
-        out[key] = r
-    return out
 
 
 def worst_difference(got_dir, want_dir, names=("loss", "grad_norm", "eval_loss")) -> float:
