@@ -65,13 +65,14 @@ class PromptTuning(nn.Module):
         src = torch.where(j < pad, j, j + p)
         return hidden.gather(1, src[..., None].expand(-1, -1, hidden.shape[-1]))
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, pad_lens: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, pad_lens: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
         """tokens [batch, seq] -> logits [batch, seq, vocab] (float32), as Transformer.forward."""
         if start_pos == 0:
             hidden = self.encode(tokens, pad_lens)
         else:
             hidden = self.model.hidden_states(self.model.tok_embeddings(tokens), start_pos + self.n_virtual, pad_lens)
-        return self.model.output(hidden).float()
+        return self.model.output(hidden[:, -1:] if last_only else hidden).float()
 
 
 @torch.no_grad()

@@ -125,10 +125,12 @@ class Llama:
         for row, prompt in enumerate(prompt_tokens):
             tokens[row, prompt_len - len(prompt):] = torch.tensor(prompt, device=device)
         pad_lens = torch.tensor([prompt_len - len(p) for p in prompt_tokens], device=device)
+        if not pad_lens.any():
+            pad_lens = None  # no padding: no masks to build, and SDPA's unmasked kernels
 
         out: list[list[int]] = [[] for _ in range(bsz)]
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
-        logits = self.model(tokens, 0, pad_lens)[:, -1].to(device)
+        logits = self.model(tokens, 0, pad_lens, last_only=True)[:, -1].to(device)
         for cur_pos in range(prompt_len, total_len):
             next_token = sample(logits, temperature, top_p, top_k, self.generator)
             next_token = torch.where(done, self.tokenizer.eos_id, next_token)

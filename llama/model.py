@@ -50,14 +50,12 @@ def rope_frequencies(args: ModelArgs, device=None) -> torch.Tensor:
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [batch, seq, heads, head_dim] by the
-    angles whose cos/sin are [batch, seq, head_dim // 2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    rotated = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) of x [batch, seq, heads, head_dim] by the unit
+    complex numbers rot [batch, seq, head_dim // 2]: one complex multiply, which runs several
+    times faster than rotating real pairs with stack (forward and backward)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rot[:, :, None]).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -75,14 +73,14 @@ class Attention(nn.Module):
         self.cache_k: Optional[torch.Tensor] = None
         self.cache_v: Optional[torch.Tensor] = None
 
-    def forward(self, x, start_pos: int, cos, sin, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x, start_pos: int, rot, mask: Optional[torch.Tensor]) -> torch.Tensor:
         """x [batch, seq, dim] -> [batch, seq, dim]. mask: bool [batch, 1, seq, kv_len], True where
-        a query may attend, or None for plain causal attention from position 0."""
+        a query may attend, or None: causal from position 0, or one query seeing the whole cache."""
         bsz, seqlen, _ = x.shape
         q = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
         k = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [batch, heads, seq, hd]
         if self.cache_k is not None:
             end = start_pos + seqlen
@@ -90,7 +88,7 @@ class Attention(nn.Module):
             self.cache_v[:bsz, :, start_pos:end] = v
             k, v = self.cache_k[:bsz, :, :end], self.cache_v[:bsz, :, :end]
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None,
+            q, k, v, attn_mask=mask, is_causal=mask is None and start_pos == 0,
             enable_gqa=self.n_local_heads != self.n_local_kv_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
@@ -115,8 +113,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, start_pos, cos, sin, mask):
-        h = x + self.attention(self.attention_norm(x), start_pos, cos, sin, mask)
+    def forward(self, x, start_pos, rot, mask):
+        h = x + self.attention(self.attention_norm(x), start_pos, rot, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -124,9 +122,10 @@ def attention_mask(seqlen: int, start_pos: int, pad_lens: Optional[torch.Tensor]
     """Causal mask combined with a left-padding mask: bool [batch, 1, seq, start_pos + seq].
 
     Key slot j is hidden from every query of row b when j < pad_lens[b]. A padding query attends
-    to itself only, so its (unused) output stays finite instead of NaN. None means plain causal
-    attention, which SDPA runs faster."""
-    if pad_lens is None and start_pos == 0:
+    to itself only, so its (unused) output stays finite instead of NaN. None (no padding) means
+    plain causal attention from position 0, or one new token seeing the whole cache: SDPA runs
+    both without a mask, and decoding builds none per step."""
+    if pad_lens is None and (start_pos == 0 or seqlen == 1):
         return None
     q_pos = torch.arange(start_pos, start_pos + seqlen, device=device)[:, None]
     k_pos = torch.arange(start_pos + seqlen, device=device)[None, :]
@@ -177,23 +176,24 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache_k = layer.attention.cache_v = None
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [batch, seq, head_dim // 2] (float32) for integer positions [batch, seq]."""
+    def rope(self, positions: torch.Tensor) -> torch.Tensor:
+        """Rotations e^(i·angle), complex64 [batch, seq, head_dim // 2], for integer positions [batch, seq]."""
         if self._inv_freq is None or self._inv_freq.device != positions.device:
             self._inv_freq = rope_frequencies(self.args, positions.device)
         angles = positions[..., None].float() * self._inv_freq
-        return angles.cos(), angles.sin()
+        return torch.polar(torch.ones_like(angles), angles)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, pad_lens: Optional[torch.Tensor] = None,
-                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab] (float32).
+                segment_ids: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [batch, seq] -> logits [batch, seq, vocab] (float32), or [batch, 1, vocab] for
+        the last slot only with last_only (all that decoding reads of a prompt).
 
         start_pos: cache slot of tokens[:, 0] when decoding with the KV cache (0 without it).
         pad_lens: [batch] count of left-padding slots per row; positions count from the first
         real token, so a padded row sees the same positions as the prompt alone.
         segment_ids: [batch, seq] sample number of each slot when rows are packed."""
         h = self.hidden_states(self.tok_embeddings(tokens), start_pos, pad_lens, segment_ids)
-        return self.output(h).float()
+        return self.output(h[:, -1:] if last_only else h).float()
 
     def hidden_states(self, h: torch.Tensor, start_pos: int = 0, pad_lens: Optional[torch.Tensor] = None,
                       segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -207,12 +207,12 @@ class Transformer(nn.Module):
             if pad_lens is not None:
                 positions = (positions - pad_lens[:, None]).clamp(min=0)
             mask = attention_mask(seqlen, start_pos, pad_lens, h.device)
-        cos, sin = self.rope(positions)
+        rot = self.rope(positions)
         per_device = {}  # with layers placed on several devices, activations follow the layers
         for layer in self.layers:
             dev = layer.attention_norm.weight.device
             if dev not in per_device:
-                per_device[dev] = [t if t is None else t.to(dev) for t in (cos, sin, mask)]
+                per_device[dev] = [t if t is None else t.to(dev) for t in (rot, mask)]
             if self.checkpoint_layers and torch.is_grad_enabled():
                 # keep only each layer's input; recompute its activations in backward
                 h = checkpoint(layer, h.to(dev), start_pos, *per_device[dev], use_reentrant=False)

@@ -170,7 +170,7 @@ def quantize_checkpoint(ckpt_dir, method: str = "gptq", group_size: int = 128, a
         if calib is not None and method == "gptq":
             h = model.tok_embeddings(calib).to(device)  # [n, seq, dim]
             seq = calib.shape[1]
-            cos, sin = model.rope(torch.arange(seq, device=device)[None])
+            rot = model.rope(torch.arange(seq, device=device)[None])
             mask = attention_mask(seq, 0, None, device)
         for i, block in enumerate(tqdm(model.layers, desc=f"quantizing ({method})", disable=not progress)):
             assign_from_index(block, index, f"layers.{i}.", torch.float32, device)
@@ -180,7 +180,7 @@ def quantize_checkpoint(ckpt_dir, method: str = "gptq", group_size: int = 128, a
                 hooks = [lin.register_forward_hook(lambda m, inp, out, g=gptqs[name]: g.add_batch(inp[0]))
                          for name, lin in linears.items()]
                 for start in range(0, h.shape[0], batch_size):
-                    block(h[start:start + batch_size], 0, cos, sin, mask)
+                    block(h[start:start + batch_size], 0, rot, mask)
                 for hook in hooks:
                     hook.remove()
             for name, lin in linears.items():
@@ -195,6 +195,6 @@ def quantize_checkpoint(ckpt_dir, method: str = "gptq", group_size: int = 128, a
                                                         torch.trace(lin.weight.float() @ H @ lin.weight.float().t()))
             if method == "gptq":  # the next block calibrates on what this quantized block outputs (in place)
                 for s in range(0, h.shape[0], batch_size):
-                    h[s:s + batch_size] = block(h[s:s + batch_size], 0, cos, sin, mask)
+                    h[s:s + batch_size] = block(h[s:s + batch_size], 0, rot, mask)
             block.to("cpu")
     return model.eval(), stats
