@@ -4,6 +4,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from llama.errors import LlamaInputError
@@ -104,10 +105,39 @@ def _bare(cls, **attrs) -> nn.Module:
     return layer
 
 
+GEMV_SPLIT_MIN = 1 << 18  # weights smaller than this (1 MiB in float32) cost less than waking a second thread
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight [out, in].T, with a single float32 row on the CPU spread over threads.
+
+    PyTorch's CPU product of one row with W.T (a GEMV: every step of decoding) ran on one thread
+    here whatever torch.get_num_threads() said, reading weights at about 6 GB/s; the same product
+    as a batch of row blocks of W runs a block per thread, at 11-15 GB/s on 2 cores (bench/decode.py)."""
+    threads = torch.get_num_threads()
+    out_features, in_features = weight.shape
+    if (threads == 1 or weight.numel() < GEMV_SPLIT_MIN or x.numel() != in_features or x.device.type != "cpu" or x.dtype != torch.float32
+            or weight.dtype != torch.float32 or out_features % threads or not weight.is_contiguous()):
+        return F.linear(x, weight)
+    blocks = weight.view(threads, out_features // threads, in_features)
+    y = torch.bmm(blocks, x.reshape(1, in_features, 1).expand(threads, in_features, 1))
+    return y.view(*x.shape[:-1], out_features)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias, its one-row CPU products threaded (see `linear`)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 def column_linear(in_features: int, out_features: int, gather_output: bool = False) -> nn.Module:
     """Linear whose output features are split across ranks (weight [out/n, in], split on dim 0)."""
     if model_parallel_size() == 1:
-        return nn.Linear(in_features, out_features, bias=False)
+        return Linear(in_features, out_features)
     from fairscale.nn.model_parallel.layers import ColumnParallelLinear
 
     local_out = _local(out_features, "output features")
@@ -121,7 +151,7 @@ def row_linear(in_features: int, out_features: int) -> nn.Module:
     """Linear whose input features are split across ranks (weight [out, in/n], split on dim 1);
     its outputs are summed over ranks."""
     if model_parallel_size() == 1:
-        return nn.Linear(in_features, out_features, bias=False)
+        return Linear(in_features, out_features)
     from fairscale.nn.model_parallel.layers import RowParallelLinear
 
     local_in = _local(in_features, "input features")
