@@ -23,12 +23,58 @@ class ScoreHead(nn.Module):
         return hidden.to(self.weight.dtype) @ self.weight.T
 
 
-def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token cross-entropy and the number of target tokens.
-    logits [batch, seq, vocab] predict labels [batch, seq] shifted by one; -100 is ignored."""
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
-    return loss, (targets != -100).sum()
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits hidden @ weight.T against targets, computed in chunks of
+    rows, keeping for backward only d(loss)/d(logits) = softmax - onehot [tokens, vocab].
+
+    The plain path keeps the logits, their log-softmax and then their gradient (three tensors of
+    that size) and makes two more passes over them in backward; here each chunk's logits are a
+    temporary and backward is two matmuls."""
+
+    CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in float32)
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        """hidden [tokens, dim], weight [vocab, dim], targets [tokens] -> summed loss (float32)."""
+        vocab = weight.shape[0]
+        # 16-bit training keeps the gradient in 16 bits, as autograd would through 16-bit logits
+        grad = torch.empty(hidden.shape[0], vocab, device=hidden.device,
+                           dtype=hidden.dtype if hidden.dtype in (torch.float16, torch.bfloat16) else torch.float32)
+        loss = torch.zeros((), device=hidden.device)
+        rows = max(1, LinearCrossEntropy.CHUNK_ELEMENTS // vocab)
+        for start in range(0, hidden.shape[0], rows):
+            logits = (hidden[start:start + rows] @ weight.t()).float()  # [rows, vocab]
+            t = targets[start:start + rows, None]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss += (lse - logits.gather(1, t)).sum()
+            probs = logits.sub_(lse).exp_()
+            grad[start:start + rows] = probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0))
+        ctx.save_for_backward(hidden, weight, grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, grad = ctx.saved_tensors
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = (grad.to(weight.dtype) @ weight) * grad_loss.to(weight.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad.t().to(hidden.dtype) @ hidden) * grad_loss.to(hidden.dtype)
+        return grad_hidden, grad_weight, None
+
+
+def lm_loss_sum(hidden: torch.Tensor, output: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy of the logits output(hidden) and the number of target tokens.
+    hidden [batch, seq, dim] predicts labels [batch, seq] shifted by one; -100 is ignored, and
+    slots without a target get no logits at all."""
+    targets = labels[:, 1:].flatten()
+    keep = targets != -100
+    hidden, targets = hidden[:, :-1].flatten(0, 1)[keep], targets[keep]
+    if isinstance(output, nn.Linear) and output.bias is None:
+        loss = LinearCrossEntropy.apply(hidden, output.weight, targets)
+    else:  # a tensor-parallel output layer gathers its logits itself
+        loss = F.cross_entropy(output(hidden).float(), targets, reduction="sum")
+    return loss, keep.sum()
 
 
 class TaskModel(nn.Module):
@@ -57,7 +103,7 @@ class TaskModel(nn.Module):
         [batch] class ids for cls, [batch] floats for regression."""
         hidden = self.encode(tokens, pad_lens, segment_ids)
         if self.task in LM_TASKS:
-            loss, count = lm_loss_sum(self.transformer.output(hidden), labels)
+            loss, count = lm_loss_sum(hidden, self.transformer.output, labels)
             return loss, count, None
         scores = self.head(hidden[:, -1])  # left padding: the last slot is each row's last token
         if self.task == "cls":

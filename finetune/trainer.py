@@ -89,8 +89,7 @@ def train(cfg: TrainConfig) -> dict:
     warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else math.ceil(total_steps * cfg.warmup_ratio)
 
     # --- optimizer, schedule, precision ----------------------------------------------------------
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, cfg.min_lr_ratio))
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if str(device).startswith("cuda") else "fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -222,6 +221,14 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0:
         plot_losses(out_dir / "loss.png", *read_losses(metrics_path))
     return results
+
+
+def make_optimizer(params: list, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all tensors) where every parameter is a float32 tensor on the
+    CPU or a GPU: on bench-58M full fine-tuning its step took a fraction of the foreach one's."""
+    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay, fused=fused)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -10,7 +10,7 @@ import sentencepiece as spm
 import torch
 
 from finetune.data import IGNORE, DataConfig, Example, collate, load_examples, pack
-from finetune.heads import TaskModel, lm_loss_sum
+from finetune.heads import TaskModel
 from llama.tiny import corpus, random_model
 from llama.tokenizer import Tokenizer
 from tests.conftest import tiny_args
@@ -58,6 +58,13 @@ def exact_tok(tmp_path_factory) -> Tokenizer:
 @pytest.fixture(scope="module")
 def tok(tokenizer_path) -> Tokenizer:
     return Tokenizer(tokenizer_path)
+
+
+def logits_loss_sum(logits, labels):
+    """Summed next-token cross-entropy of logits [batch, seq, vocab] and its target count (plain torch)."""
+    targets = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    return loss, (targets != IGNORE).sum()
 
 
 def write_jsonl(path, rows) -> str:
@@ -353,8 +360,8 @@ def test_left_padded_batch_gives_each_sample_its_own_loss(tmp_path, tok):
             alone = model(torch.tensor([ex.ids]))
             real = logits[r:r + 1, int(b["pad_lens"][r]):]
             assert (real - alone).abs().max() <= 1e-5
-            assert abs(lm_loss_sum(real, b["labels"][r:r + 1, int(b["pad_lens"][r]):])[0]
-                       - lm_loss_sum(alone, torch.tensor([ex.labels]))[0]) <= 1e-5
+            assert abs(logits_loss_sum(real, b["labels"][r:r + 1, int(b["pad_lens"][r]):])[0]
+                       - logits_loss_sum(alone, torch.tensor([ex.labels]))[0]) <= 1e-5
 
 
 def pt_chunks(tmp_path, tok, cutoff=15):
@@ -365,7 +372,7 @@ def pt_chunks(tmp_path, tok, cutoff=15):
 
 
 def alone_loss(model, ex):
-    return lm_loss_sum(model(torch.tensor([ex.ids])), torch.tensor([ex.labels]))
+    return logits_loss_sum(model(torch.tensor([ex.ids])), torch.tensor([ex.labels]))
 
 
 def test_pt_left_padded_batch_gives_each_chunk_its_own_loss(tmp_path, tok):
@@ -435,7 +442,7 @@ def test_packing_gives_the_same_per_sample_loss_as_unpacked(tmp_path, tok, n_kv_
     assert "segment_ids" in b and "pad_lens" not in b
     with torch.no_grad():
         alone_logits = [model(torch.tensor([ex.ids])) for ex in examples]
-        alone_loss = [lm_loss_sum(lg, torch.tensor([ex.labels]))[0].item() for lg, ex in zip(alone_logits, examples)]
+        alone_loss = [logits_loss_sum(lg, torch.tensor([ex.labels]))[0].item() for lg, ex in zip(alone_logits, examples)]
         logits = model(b["tokens"], segment_ids=b["segment_ids"])
         k = 0
         for r, row in enumerate(rows):
