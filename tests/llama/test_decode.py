@@ -1,0 +1,452 @@
+"""The decoding speed paths: llama.parallel.linear's threaded one-row product, the complex RoPE,
+attention without a mask for one token over the cache, last_only prefill logits, and greedy
+Llama.generate token for token against HF transformers' generate on the same weights.
+
+References are independent of our code: float64 torch for the linear and the rotation, HF's
+LlamaForCausalLM (eager attention, its own KV cache) for whole models and generation.
+"""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llama.parallel
+
+transformers = pytest.importorskip("transformers")
+
+from finetune.prompt_tuning import PromptTuning  # noqa: E402
+from llama.generation import Llama  # noqa: E402
+from llama.model import Transformer, apply_rope, attention_mask  # noqa: E402
+from llama.parallel import Linear, column_linear, linear, row_linear  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
+from tests.conftest import tiny_args  # noqa: E402
+from tests.llama.test_model import (  # noqa: E402
+    CASES, TOL_CACHE, VOCAB, build_hf_model, load_ours, max_diff, random_tokens, write_meta_checkpoint,
+)
+
+TOL_LINEAR = 1e-6  # relative error of the float32 product against float64
+TOL_SHAPE = 1e-5  # the same float32 logits from GEMMs of different shapes (summation order), logits O(1)
+N_NEW = 24  # greedy tokens per prompt (HF's smallest top-1 / top-2 logit gap on these prompts: 1.5e-3)
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class CountCalls(torch.overrides.TorchFunctionMode):
+    """Records the torch functions called inside the block (and SDPA's mask arguments)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+        self.sdpa: list[tuple[bool, bool]] = []  # (attn_mask is None, is_causal) per call
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        self.names.append(name)
+        if name == "scaled_dot_product_attention":
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            self.sdpa.append((mask is None, bool(kwargs.get("is_causal", False))))
+        return func(*args, **kwargs)
+
+    def count(self, name: str) -> int:
+        return self.names.count(name)
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def ref_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.double() @ w.double().T
+
+
+# --- llama.parallel.linear / Linear -----------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def split_tiny_weights(request, monkeypatch):
+    """Tiny test weights take the threaded path too (it is skipped below GEMV_SPLIT_MIN elements),
+    except in the test of that threshold itself."""
+    if "real_threshold" not in request.keywords:
+        monkeypatch.setattr(llama.parallel, "GEMV_SPLIT_MIN", 0)
+
+
+@pytest.mark.real_threshold
+def test_linear_small_weight_uses_f_linear():
+    """Below GEMV_SPLIT_MIN elements one thread is cheaper than waking the second: F.linear."""
+    rows = llama.parallel.GEMV_SPLIT_MIN // 64
+    for out_features, path in ((rows // 2, "linear"), (rows, "bmm")):
+        w, x = torch.randn(out_features, 64), torch.randn(1, 64)
+        with num_threads(2), CountCalls() as calls:
+            y = linear(x, w)
+        assert calls.count("bmm") == (path == "bmm") and calls.count("linear") == (path == "linear")
+        assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("out_features", [12, 14, 13])  # 14: divisible by 2, not by 3
+@pytest.mark.parametrize("x_shape", [(40,), (1, 40), (1, 1, 40)])
+def test_linear_one_row_matches_float64(threads, out_features, x_shape):
+    """One float32 CPU row: bmm over `threads` row blocks of W when out % threads == 0, F.linear
+    otherwise; both equal x @ W.T in float64, with x's leading shape kept."""
+    g = torch.Generator().manual_seed(out_features * 10 + threads)
+    w = torch.randn(out_features, 40, generator=g)
+    x = torch.randn(x_shape, generator=g)
+    with num_threads(threads), CountCalls() as calls:
+        y = linear(x, w)
+    assert y.shape == (*x_shape[:-1], out_features) and y.dtype == torch.float32
+    assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
+    divisible = out_features % threads == 0
+    assert calls.count("bmm") == (1 if divisible else 0)
+    assert calls.count("linear") == (0 if divisible else 1)
+
+
+def test_linear_non_contiguous_row_takes_the_bmm_path():
+    torch.manual_seed(1)
+    w = torch.randn(16, 40)
+    x = torch.randn(80)[::2]  # a strided row
+    assert not x.is_contiguous()
+    with num_threads(2), CountCalls() as calls:
+        y = linear(x, w)
+    assert calls.count("bmm") == 1
+    assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
+
+
+@pytest.mark.parametrize("x_shape", [(2, 40), (1, 3, 40), (3, 1, 40)])
+def test_linear_several_rows_use_f_linear(x_shape):
+    torch.manual_seed(2)
+    w = torch.randn(16, 40)
+    x = torch.randn(x_shape)
+    with num_threads(2), CountCalls() as calls:
+        y = linear(x, w)
+    assert calls.count("bmm") == 0 and calls.count("linear") == 1
+    assert y.shape == (*x_shape[:-1], 16)
+    assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
+
+
+def test_linear_falls_back_with_one_thread():
+    torch.manual_seed(3)
+    w, x = torch.randn(16, 40), torch.randn(1, 40)
+    old = torch.get_num_threads()
+    with num_threads(1), CountCalls() as calls:
+        assert torch.get_num_threads() == 1
+        y = linear(x, w)
+    assert torch.get_num_threads() == old  # restored
+    assert calls.count("bmm") == 0 and calls.count("linear") == 1
+    assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
+
+
+def test_linear_falls_back_for_non_contiguous_weight():
+    torch.manual_seed(4)
+    w = torch.randn(40, 16).T  # [16, 40], transposed storage
+    assert not w.is_contiguous()
+    x = torch.randn(1, 40)
+    with num_threads(2), CountCalls() as calls:
+        y = linear(x, w)
+    assert calls.count("bmm") == 0 and calls.count("linear") == 1
+    assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
+
+
+def test_linear_falls_back_for_float64():
+    torch.manual_seed(5)
+    w, x = torch.randn(16, 40, dtype=torch.float64), torch.randn(1, 40, dtype=torch.float64)
+    with num_threads(2), CountCalls() as calls:
+        y = linear(x, w)
+    assert calls.count("bmm") == 0 and y.dtype == torch.float64
+    assert rel_err(y, ref_linear(x, w)) <= 1e-12
+
+
+@pytest.mark.parametrize("x_shape", [(40,), (1, 1, 40)])
+def test_linear_bmm_path_gradients_match_f_linear(x_shape):
+    g = torch.Generator().manual_seed(7)
+    w0, x0 = torch.randn(24, 40, generator=g), torch.randn(x_shape, generator=g)
+    up = torch.randn(*x_shape[:-1], 24, generator=g)  # upstream gradient
+
+    w, x = w0.clone().requires_grad_(), x0.clone().requires_grad_()
+    with num_threads(2), CountCalls() as calls:
+        (linear(x, w) * up).sum().backward()
+    assert calls.count("bmm") == 1
+    w_ref, x_ref = w0.double().requires_grad_(), x0.double().requires_grad_()
+    (F.linear(x_ref, w_ref) * up.double()).sum().backward()
+    assert rel_err(x.grad, x_ref.grad) <= TOL_LINEAR
+    assert rel_err(w.grad, w_ref.grad) <= TOL_LINEAR
+    # and against float32 F.linear's own gradients
+    w32, x32 = w0.clone().requires_grad_(), x0.clone().requires_grad_()
+    (F.linear(x32, w32) * up).sum().backward()
+    torch.testing.assert_close(x.grad, x32.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.grad, w32.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_module_in_one_process():
+    """column_linear / row_linear give our Linear (no bias) in one process; its forward is `linear`."""
+    torch.manual_seed(6)
+    col, row = column_linear(40, 24), row_linear(40, 24)
+    for layer in (col, row):
+        assert isinstance(layer, Linear) and isinstance(layer, torch.nn.Linear)
+        assert layer.bias is None and layer.weight.shape == (24, 40)
+    x = torch.randn(1, 40)
+    with num_threads(2), CountCalls() as calls, torch.no_grad():
+        y = col(x)
+    assert calls.count("bmm") == 1
+    assert rel_err(y, ref_linear(x, col.weight)) <= TOL_LINEAR
+
+
+# --- RoPE and masks ---------------------------------------------------------------------------------
+
+
+def test_rope_is_a_rotation_of_interleaved_pairs():
+    """apply_rope with Transformer.rope's complex rotations equals rotating (x[2i], x[2i+1]) by
+    position * inv_freq[i] in float64 (angles taken from the same float32 product)."""
+    torch.manual_seed(8)
+    model = Transformer(tiny_args(n_kv_heads=2))
+    positions = torch.tensor([[0, 1, 2, 5, 17, 63, 100], [3, 3, 0, 9, 8, 7, 6]])
+    rot = model.rope(positions)
+    hd = model.args.head_dim
+    assert rot.dtype == torch.complex64 and rot.shape == (2, 7, hd // 2)
+    x = torch.randn(2, 7, 3, hd)
+    got = apply_rope(x, rot)
+    assert got.dtype == x.dtype and got.shape == x.shape
+
+    inv_freq = 1.0 / (model.args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    angles = (positions[..., None].float() * inv_freq).double()[:, :, None, :]  # [b, s, 1, hd/2]
+    x0, x1 = x.double()[..., 0::2], x.double()[..., 1::2]
+    ref = torch.empty_like(x, dtype=torch.float64)
+    ref[..., 0::2] = x0 * angles.cos() - x1 * angles.sin()
+    ref[..., 1::2] = x0 * angles.sin() + x1 * angles.cos()
+    assert rel_err(got, ref) <= 1e-6
+
+
+def test_attention_mask_none_cases():
+    assert attention_mask(7, 0, None, "cpu") is None  # causal prefill
+    assert attention_mask(1, 9, None, "cpu") is None  # one token over the cache
+    m = attention_mask(3, 9, None, "cpu")  # a chunk at start_pos > 0 still needs causality
+    assert m is not None and m.shape == (1, 1, 3, 12)
+    q, k = torch.arange(9, 12)[:, None], torch.arange(12)[None]
+    assert torch.equal(m[0, 0], k <= q)
+    m = attention_mask(1, 9, torch.tensor([2, 0]), "cpu")  # padding: mask even for one token
+    assert m is not None and m.shape == (2, 1, 1, 10)
+    assert m[0, 0, 0].tolist() == [False, False] + [True] * 8 and m[1, 0, 0].all()
+
+
+# --- models built from HF weights --------------------------------------------------------------------
+
+
+def hf_generation_model(case, seed: int):
+    """build_hf_model, then every matrix ~N(0, 0.15): peaked logits, so greedy tokens vary."""
+    hf = build_hf_model(case, seed=seed)
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.15)
+    return hf
+
+
+@pytest.fixture(scope="module", params=[c for c in CASES if c.name in ("mha", "gqa")], ids=lambda c: c.name)
+def pair(request, tmp_path_factory, tokenizer_path):
+    """(case, hf_model, our Llama) on the same weights, via a Meta checkpoint written from HF's."""
+    case = request.param
+    hf = hf_generation_model(case, seed=40 + CASES.index(case))
+    d = tmp_path_factory.mktemp(f"decode_{case.name}") / "meta"
+    write_meta_checkpoint(hf, case, d)
+    model = load_ours(d)
+    assert isinstance(model.layers[0].attention.wq, Linear)
+    tokenizer = Tokenizer(tokenizer_path)
+    assert tokenizer.n_words == VOCAB == model.args.vocab_size
+    # neither side stops at eos (HF: eos_token_id=None): both must produce exactly N_NEW tokens
+    tokenizer.eos_id = -1
+    model.setup_caches(4, 64)
+    return case, hf, Llama(model, tokenizer, max_seq_len=64, max_batch_size=4)
+
+
+def hf_greedy(hf, prompt: list[int], n: int = N_NEW) -> list[int]:
+    """HF's greedy continuation of the prompt on its own (batch 1, no padding), eos ignored;
+    memoised on the HF model, so each prompt goes through HF once per model."""
+    memo = hf.__dict__.setdefault("_test_greedy_memo", {})
+    key = (tuple(prompt), n)
+    if key not in memo:
+        memo[key] = _hf_greedy(hf, prompt, n)
+    return memo[key]
+
+
+def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad(), num_threads(1):  # the reference's thread count changes nothing but its speed
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    new = out[0, len(prompt):].tolist()
+    assert len(new) == n  # HF did not stop early
+    return new
+
+
+PROMPTS = [[1, 57, 203, 11, 99], [1, 300, 4, 4, 18, 260, 77, 150, 31, 9, 222], [1, 140]]
+
+
+def spy_forward(monkeypatch, model):
+    """Record (seqlen, start_pos, pad_lens, last_only, output shape) of each model call."""
+    calls = []
+    orig = model.forward
+
+    def forward(tokens, start_pos=0, pad_lens=None, *args, last_only=False, **kwargs):
+        out = orig(tokens, start_pos, pad_lens, *args, last_only=last_only, **kwargs)
+        calls.append((tokens.shape[1], start_pos, pad_lens, last_only, tuple(out.shape)))
+        return out
+
+    monkeypatch.setattr(model, "forward", forward)
+    return calls
+
+
+@pytest.mark.parametrize("prompt, threads", [(PROMPTS[0], 2), (PROMPTS[2], 1)], ids=["len5-bmm", "len2-1thread"])
+def test_greedy_generate_matches_hf_batch_of_one(pair, prompt, threads, monkeypatch):
+    """Batch 1 (no padding: pad_lens None, last_only prefill, unmasked decode steps) gives
+    exactly HF's greedy tokens; with 2 threads the one-row products go through linear's bmm
+    path, with 1 thread through F.linear."""
+    case, hf, llama = pair
+    calls = spy_forward(monkeypatch, llama.model)
+    with num_threads(threads), CountCalls() as fns:
+        ours = llama.generate([prompt], max_gen_len=N_NEW, temperature=0)[0]
+    expected = hf_greedy(hf, prompt)
+    assert len(set(expected)) >= 8, "greedy tokens barely vary: the comparison would be weak"
+    assert ours == expected
+    # the fast paths were the ones taken
+    assert calls[0] == (len(prompt), 0, None, True, (1, 1, VOCAB))
+    assert all(c[0] == 1 and c[2] is None and c[4] == (1, 1, VOCAB) for c in calls[1:])
+    assert len(calls) == N_NEW  # prefill + N_NEW - 1 decode steps
+    # one-row products: 7 linears per layer and the output, per decode step and for the prefill's last slot
+    one_row = (7 * llama.model.args.n_layers + 1) * (N_NEW - 1) + 1
+    assert fns.count("bmm") == (one_row if threads > 1 else 0)
+    n_layers = llama.model.args.n_layers
+    assert fns.sdpa[:n_layers] == [(True, True)] * n_layers  # prefill: causal, no mask
+    assert set(fns.sdpa[n_layers:]) == {(True, False)}  # decode: no mask, not causal
+
+
+def test_greedy_generate_left_padded_batch_matches_hf_alone(pair, monkeypatch):
+    """Prompts of different lengths left-padded into one batch (pad_lens path) give each
+    prompt's HF greedy tokens on its own."""
+    case, hf, llama = pair
+    calls = spy_forward(monkeypatch, llama.model)
+    # several rows never take linear's one-row path: one thread tests the same code, and keeps
+    # the test fast on a busy machine
+    with num_threads(1):
+        batched = llama.generate(PROMPTS, max_gen_len=N_NEW, temperature=0)
+    assert torch.equal(calls[0][2], torch.tensor([6, 0, 9])) and calls[0][3] is True
+    assert calls[0][4] == (3, 1, VOCAB)
+    assert batched == [hf_greedy(hf, p) for p in PROMPTS]
+
+
+def test_greedy_generate_equal_length_batch_matches_hf_alone(pair, monkeypatch):
+    """Several rows, none padded: pad_lens None with batch > 1."""
+    case, hf, llama = pair
+    prompts = [PROMPTS[0], [1, 300, 4, 18, 260]]
+    assert len(prompts[0]) == len(prompts[1])
+    calls = spy_forward(monkeypatch, llama.model)
+    with num_threads(1):  # as above
+        batched = llama.generate(prompts, max_gen_len=N_NEW, temperature=0)
+    assert all(c[2] is None for c in calls)
+    assert batched == [hf_greedy(hf, p) for p in prompts]
+
+
+# --- last_only ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tmp_path_factory):
+    case = next(c for c in CASES if c.name == "gqa")
+    d = tmp_path_factory.mktemp("decode_gqa_plain") / "meta"
+    write_meta_checkpoint(build_hf_model(case, seed=51), case, d)
+    return load_ours(d)
+
+
+def check_last_only(full: torch.Tensor, last: torch.Tensor, hidden_last: torch.Tensor, weight: torch.Tensor):
+    """last [b, 1, vocab] equals full[:, -1:] up to GEMM summation order, and both equal the
+    float64 product of the last hidden state with the output weight."""
+    assert last.shape == (full.shape[0], 1, full.shape[2]) and last.dtype == torch.float32
+    assert full.abs().max() > 1.0
+    assert max_diff(last, full[:, -1:]) <= TOL_SHAPE
+    ref = (hidden_last.double() @ weight.double().T)[:, None]
+    assert rel_err(last, ref) <= TOL_LINEAR and rel_err(full[:, -1:], ref) <= TOL_LINEAR
+
+
+@pytest.mark.parametrize("pad", [None, [3, 0, 5]], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_transformer_last_only(gqa_model, pad, batch):
+    model = gqa_model
+    tokens = random_tokens(seed=60 + batch, shape=(batch, 12))
+    pad_lens = None if pad is None else torch.tensor(pad[:batch]) if batch > 1 else torch.tensor([4])
+    with torch.no_grad(), num_threads(2):
+        full = model(tokens, 0, pad_lens)
+        last = model(tokens, 0, pad_lens, last_only=True)
+        hidden = model.hidden_states(model.tok_embeddings(tokens), 0, pad_lens)
+    check_last_only(full, last, hidden[:, -1], model.output.weight)
+
+
+def test_transformer_last_only_with_cache(gqa_model):
+    """last_only on a chunk at start_pos > 0 (through the KV cache) too."""
+    model = gqa_model
+    tokens = random_tokens(seed=65, shape=(2, 14))
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(2, 32)
+        try:
+            model(tokens[:, :9], 0)
+            last = model(tokens[:, 9:], 9, last_only=True)
+        finally:
+            model.clear_caches()
+    assert last.shape == (2, 1, VOCAB)
+    assert max_diff(last, full[:, -1:]) <= TOL_CACHE
+
+
+@pytest.mark.parametrize("pad", [None, [2, 0, 6]], ids=["unpadded", "padded"])
+def test_prompt_tuning_last_only(gqa_model, pad):
+    g = torch.Generator().manual_seed(70)
+    pm = PromptTuning(gqa_model, torch.randn(4, gqa_model.args.dim, generator=g)).eval()
+    tokens = random_tokens(seed=71, shape=(3, 10))
+    pad_lens = None if pad is None else torch.tensor(pad)
+    with torch.no_grad():
+        full = pm(tokens, 0, pad_lens)
+        last = pm(tokens, 0, pad_lens, last_only=True)
+        hidden = pm.encode(tokens, pad_lens)
+        plain = gqa_model(tokens, 0, pad_lens)
+    assert (plain[:, -1] - full[:, -1]).abs().max() > 0.1  # the virtual tokens matter
+    check_last_only(full, last, hidden[:, -1], gqa_model.output.weight)
+
+
+# --- one token over the cache without a mask --------------------------------------------------------
+
+
+def test_single_token_decode_without_mask_matches_full_forward(gqa_model):
+    """GQA, pad_lens None: each token decoded at start_pos > 0 (attention_mask None, SDPA not
+    causal) equals the full forward at its position. The cache first holds a longer, different
+    sequence, so reading slots past the current position would show."""
+    model = gqa_model
+    tokens = random_tokens(seed=80, shape=(2, 24))
+    other = random_tokens(seed=81, shape=(2, 40))
+    prefix = 15
+    with torch.no_grad():
+        full = model(tokens)
+        model.setup_caches(2, 48)
+        try:
+            model(other, 0)  # stale cache content beyond every position decoded below
+            model(tokens[:, :prefix], 0)
+            steps = []
+            with CountCalls() as fns:
+                for t in range(prefix, tokens.shape[1]):
+                    steps.append(model(tokens[:, t:t + 1], t))
+        finally:
+            model.clear_caches()
+    assert set(fns.sdpa) == {(True, False)}  # no mask, not causal: the path under test
+    assert len(fns.sdpa) == model.args.n_layers * (tokens.shape[1] - prefix)
+    for i, t in enumerate(range(prefix, tokens.shape[1])):
+        assert max_diff(steps[i][:, 0], full[:, t]) <= TOL_CACHE
