@@ -19,6 +19,7 @@ setup(
         # references the tests compare against; never imported by the package
         # triton: the GPU int4 kernel is checked on CPU under TRITON_INTERPRET=1
         "test": ["pytest", "transformers>=4.45", "peft>=0.13", "triton"],
-        "bench": ["transformers>=4.45"],
+        # peers the benchmarks run beside ours (llama.cpp too when llama-cpp-python and gguf are installed)
+        "bench": ["transformers>=4.45", "peft>=0.13"],
     },
 )

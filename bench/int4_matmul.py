@@ -13,7 +13,6 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results.jsonl"
 SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in)
 
+from common import gpu_ceilings, median  # noqa: E402
+from common import timed as common_timed  # noqa: E402
 from quant.kernels import choose_path, int4_matmul  # noqa: E402
 from quant.pack import group_index, pack  # noqa: E402
 
@@ -39,26 +40,7 @@ def random_int4(out_features: int, in_features: int, group_size: int = 128, devi
 
 def timed(fn, runs: int, sync) -> float:
     """Median seconds of fn() over `runs` calls after 3 warm-up calls."""
-    for _ in range(3):
-        fn()
-    sync()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def gpu_ceilings(sync) -> dict:
-    """Measured device-to-device copy bandwidth and bf16 matmul rate."""
-    a = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    t = timed(lambda: b.copy_(a), 10, sync)
-    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    tm = timed(lambda: x @ x, 10, sync)
-    return {"copy_gb_s": round(2 * a.numel() / t / 1e9, 1), "bf16_matmul_tflops": round(2 * 8192 ** 3 / tm / 1e12, 1)}
+    return median(common_timed(fn, runs, warmup=3, sync=sync))
 
 
 def bench_speed(device: str, runs: int) -> dict:
@@ -87,8 +69,7 @@ def bench_speed(device: str, runs: int) -> dict:
                   f"dense {str(dense_dtype)[6:]} {t_dense * 1e3:8.3f} ms   dense/int4 {row['ratio']:.2f}x")
     result = {"rows": rows}
     if cuda:
-        result["device_name"] = torch.cuda.get_device_name()
-        result["ceilings"] = gpu_ceilings(sync)
+        result["ceilings"] = gpu_ceilings()
         print("ceilings:", result["ceilings"])
     return result
 

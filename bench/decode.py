@@ -1,0 +1,172 @@
+"""Batch-1 greedy decoding of bench-58M: tokens/s of ours against HF `generate`, and against
+llama.cpp on the same weights when `llama_cpp` and `gguf` are importable.
+
+    python bench/decode.py                       # CPU, float32: 128 new tokens after a 16-token prompt, 5 runs
+    python bench/decode.py --device cuda         # GPU, bf16 (llama.cpp skipped), with the GPU's ceilings
+    python bench/decode.py --runs 9 --new 256    # more runs, longer generations
+
+Every peer loads one random float32 checkpoint (HF folder, seed 0, written to a temp folder; llama.cpp
+gets a float32 GGUF of the same tensors). A run is one whole generate call, prompt included, and
+tokens/s = new tokens / its wall time; each figure is the median of --runs runs after one warm-up,
+the peers taking turns run by run.
+HF is kept from stopping at its eos with min_new_tokens, ours and llama.cpp by never reading eos.
+The greedy tokens of ours and HF are compared as a check that both decode the same model. Appends
+one row to bench/results.jsonl.
+"""
+import argparse
+import importlib.util
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from common import BENCH_58M, append_row, gpu_ceilings, median, timed, write_hf_checkpoint
+
+from llama.checkpoint import load_model, read_model_args  # noqa: E402  (common puts the repo on sys.path)
+from llama.generation import Llama  # noqa: E402
+
+
+def ours(ckpt: Path, prompt: list[int], new: int, dtype, device: str):
+    args = read_model_args(ckpt)
+    model = load_model(ckpt, args, dtype, device).eval()
+    model.setup_caches(1, len(prompt) + new)
+    # generate reads only pad_id and eos_id of a tokenizer; eos -1 never comes up
+    llama = Llama(model, SimpleNamespace(pad_id=0, eos_id=-1), len(prompt) + new, 1)
+    return lambda: llama.generate([prompt], new, temperature=0)[0]
+
+
+def hf(ckpt: Path, prompt: list[int], new: int, dtype, device: str):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+    ids = torch.tensor([prompt], device=device)
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 attention_mask=torch.ones_like(ids), pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+    return run
+
+
+def write_gguf(ckpt: Path, path: Path) -> None:
+    """A float32 GGUF of the checkpoint: our Meta-layout tensors (q/k rows in RoPE pairs, as GGUF
+    keeps them) under llama.cpp's names, and a placeholder vocabulary of the right size."""
+    import gguf
+
+    args = read_model_args(ckpt)
+    state = load_model(ckpt, args, torch.float32, "cpu").state_dict()
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(2048)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.ffn_hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
+    tokens += [f"\u2581t{i}" for i in range(args.vocab_size - len(tokens))]
+    types += [gguf.TokenType.NORMAL] * (args.vocab_size - len(types))
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * args.vocab_size)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_unk_token_id(0)
+    names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
+             "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
+             "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down",
+             "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
+    for key, tensor in state.items():
+        stem = key.removesuffix(".weight")
+        if stem.startswith("layers."):
+            _, i, rest = stem.split(".", 2)
+            name = f"blk.{i}.{names[rest]}.weight"
+        else:
+            name = f"{names[stem]}.weight"
+        w.add_tensor(name, tensor.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_cpp(ckpt: Path, prompt: list[int], new: int, threads: int):
+    from llama_cpp import Llama as LlamaCpp
+
+    path = ckpt / "model-f32.gguf"
+    if not path.is_file():
+        write_gguf(ckpt, path)
+    llm = LlamaCpp(str(path), n_ctx=len(prompt) + new, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def run():
+        out = []
+        for tok in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            out.append(tok)
+            if len(out) == new:
+                return out
+    return run
+
+
+def same_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="weights and activations of ours and HF (default float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--runs", type=int, default=5, help="timed generate calls per peer; the median counts (default 5)")
+    p.add_argument("--new", type=int, default=128, help="tokens generated per call (default 128)")
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even if it is importable")
+    a = p.parse_args()
+    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
+    sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
+    prompt = torch.randint(3, BENCH_58M["vocab_size"], (a.prompt,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_hf_checkpoint(Path(tmp))
+        peers = {"ours": ours(ckpt, prompt, a.new, dtype, a.device), "hf": hf(ckpt, prompt, a.new, dtype, a.device)}
+        if a.device == "cpu" and not a.no_llama_cpp:
+            if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
+                peers["llama.cpp f32"] = llama_cpp(ckpt, prompt, a.new, torch.get_num_threads())
+            else:
+                print("llama.cpp: skipped (pip install llama-cpp-python gguf to include it)")
+        tokens = {name: run() for name, run in peers.items()}  # also each peer's warm-up
+        tok_s = {name: [] for name in peers}
+        for _ in range(a.runs):  # peers take turns, so a slow spell of the machine hits all of them
+            for name, run in peers.items():
+                tok_s[name].append(round(a.new / timed(run, 1, warmup=0, sync=sync)[0], 2))
+
+    result = {"workload": "bench-58M", "shape": BENCH_58M, "dtype": str(dtype)[6:], "prompt_tokens": a.prompt,
+              "new_tokens": a.new, "runs": a.runs, "tok_s": tok_s,
+              "tok_s_median": {k: round(median(v), 2) for k, v in tok_s.items()},
+              "greedy_tokens_same_as_ours": {k: same_prefix(tokens["ours"], v) for k, v in tokens.items() if k != "ours"}}
+    med = result["tok_s_median"]
+    result["ratios"] = {f"ours/{k}": round(med["ours"] / v, 2) for k, v in med.items() if k != "ours"}
+    if a.device == "cuda":
+        result["ceilings"] = gpu_ceilings()
+    print(f"bench-58M batch-1 greedy decode, {a.new} tokens after {a.prompt}, {result['dtype']}, "
+          f"{torch.get_num_threads()} threads, median of {a.runs}")
+    for name, v in med.items():
+        ratio = "" if name == "ours" else f"   ours/{name} {med['ours'] / v:.2f}x   " \
+            f"same greedy prefix {result['greedy_tokens_same_as_ours'][name]}/{a.new}"
+        print(f"  {name:<14} {v:8.1f} tok/s{ratio}")
+    if "ceilings" in result:
+        print("  ceilings:", result["ceilings"])
+    append_row("decode", result, "bench/decode.py", a.device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Training tokens/s and peak memory on bench-58M: ours against HF + PEFT (LoRA) and HF (full
+fine-tuning), each running a plain loop of forward, loss, backward and AdamW step.
+
+    python bench/train.py                          # CPU, float32, seq 256, batch 2, 5 timed steps
+    python bench/train.py --device cuda --dtype bfloat16 --seq 1024 --batch 8
+    python bench/train.py --modes lora --runs 9
+
+LoRA is r 8, alpha 16, no dropout, on q and v; full fine-tuning trains every weight. Both peers
+load one random float32 checkpoint (HF folder, seed 0) and train on the same random tokens.
+Ours is the trainer's own step (`finetune.adapters.attach`, `TaskModel`, the trainer's AdamW);
+HF's is `model(input_ids, labels=input_ids).loss` with torch.optim.AdamW. Each workload runs in a
+fresh process, so its peak resident memory (or peak CUDA memory) is its own: reported whole and
+above the process's memory once its libraries are imported. tokens/s = batch x seq / step time,
+median of --runs steps after 2 warm-up steps; the step-0 losses of the two peers are compared as
+a check that both train the same model. Appends one row to bench/results.jsonl.
+"""
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import BENCH_58M, append_row, gpu_ceilings, median, peak_rss_bytes, run_fresh, timed, write_hf_checkpoint
+
+PEERS = {"lora": "hf+peft", "full": "hf"}
+
+
+def ours_step(ckpt: str, mode: str, dtype, device: str, tokens):
+    from finetune.adapters import attach
+    from finetune.config import TrainConfig
+    from finetune.trainer import make_optimizer
+    from llama.checkpoint import load_model, read_model_args
+
+    cfg = TrainConfig(method=mode, lora_dropout=0.0, lora_targets=["wq", "wv"], lr=1e-4)
+    model = load_model(ckpt, read_model_args(ckpt), dtype, device)
+    task_model = attach(model, cfg, tokenizer=None).train()
+    optimizer = make_optimizer([p for p in task_model.parameters() if p.requires_grad], cfg)
+
+    def step():
+        loss, count, _ = task_model(tokens, tokens)
+        loss = loss / count
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def hf_step(ckpt: str, mode: str, dtype, device: str, tokens):
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(ckpt, dtype=dtype).to(device)
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+    return step
+
+
+def worker(a) -> None:
+    """In a fresh process: build one peer's step, time it, print a JSON line."""
+    cuda = a.device == "cuda"
+    dtype = getattr(torch, a.dtype)
+    tokens = torch.randint(3, BENCH_58M["vocab_size"], (a.batch, a.seq), generator=torch.Generator().manual_seed(1))
+    tokens = tokens.to(a.device)
+    build = ours_step if a.worker == "ours" else hf_step
+    if a.worker != "ours":
+        import peft, transformers  # noqa: F401,E401  (imported before the baseline: libraries aren't the workload)
+    baseline = peak_rss_bytes()
+    step = build(a.ckpt, a.mode, dtype, a.device, tokens)
+    losses = []
+    times = timed(lambda: losses.append(step()), a.runs, warmup=2, sync=torch.cuda.synchronize if cuda else lambda: None)
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
+    print(json.dumps({"tok_s": [round(a.batch * a.seq / t, 1) for t in times], "losses": losses,
+                      "peak_bytes": peak, "baseline_bytes": 0 if cuda else baseline}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="weights and compute of both peers (default float32)")
+    p.add_argument("--modes", nargs="+", choices=("lora", "full"), default=["lora", "full"], help="workloads (default both)")
+    p.add_argument("--seq", type=int, default=256, help="tokens per row (default 256)")
+    p.add_argument("--batch", type=int, default=2, help="rows per step (default 2)")
+    p.add_argument("--runs", type=int, default=5, help="timed steps per workload; the median counts (default 5)")
+    p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.worker:
+        return worker(a)
+
+    common_args = ["--device", a.device, "--dtype", a.dtype, "--seq", str(a.seq), "--batch", str(a.batch),
+                   "--runs", str(a.runs)]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = str(write_hf_checkpoint(Path(tmp)))
+        for mode in a.modes:
+            for impl in ("ours", "hf"):
+                results[f"{mode} {'ours' if impl == 'ours' else PEERS[mode]}"] = run_fresh(
+                    ["bench/train.py", "--worker", impl, "--mode", mode, "--ckpt", ckpt, *common_args])
+
+    gib = 2 ** 30
+    print(f"bench-58M training, batch {a.batch} x seq {a.seq}, {a.dtype}, {a.device}, "
+          f"{torch.get_num_threads()} threads, median of {a.runs} steps")
+    summary = {}
+    for mode in a.modes:
+        ours, peer = results[f"{mode} ours"], results[f"{mode} {PEERS[mode]}"]
+        row = {"ours_tok_s": median(ours["tok_s"]), "peer_tok_s": median(peer["tok_s"]),
+               "ours_peak_gib": round(ours["peak_bytes"] / gib, 3), "peer_peak_gib": round(peer["peak_bytes"] / gib, 3),
+               "ours_peak_above_baseline_gib": round((ours["peak_bytes"] - ours["baseline_bytes"]) / gib, 3),
+               "peer_peak_above_baseline_gib": round((peer["peak_bytes"] - peer["baseline_bytes"]) / gib, 3),
+               "step0_loss": [round(ours["losses"][0], 5), round(peer["losses"][0], 5)]}
+        row["ratio"] = round(row["ours_tok_s"] / row["peer_tok_s"], 2)
+        summary[mode] = row
+        print(f"  {mode:<5} ours {row['ours_tok_s']:8.1f} tok/s   {PEERS[mode]:<8} {row['peer_tok_s']:8.1f} tok/s   "
+              f"ratio {row['ratio']:.2f}x   peak above baseline: ours {row['ours_peak_above_baseline_gib']:.2f} GiB, "
+              f"{PEERS[mode]} {row['peer_peak_above_baseline_gib']:.2f} GiB   step-0 loss {row['step0_loss']}")
+    result = {"workload": "bench-58M", "shape": BENCH_58M, "dtype": a.dtype, "batch": a.batch, "seq": a.seq,
+              "runs": a.runs, "summary": summary, "raw": results}
+    if a.device == "cuda":
+        result["ceilings"] = gpu_ceilings()
+        print("  ceilings:", result["ceilings"])
+    append_row("train", result, "bench/train.py", a.device)
+
+
+if __name__ == "__main__":
+    main()
