@@ -106,26 +106,31 @@ def _bare(cls, **attrs) -> nn.Module:
 
 
 GEMV_SPLIT_MIN = 1 << 18  # weights smaller than this (1 MiB in float32) cost less than waking a second thread
+GEMV_MAX_ROWS = 8  # past this many rows PyTorch's own GEMM does as well
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ weight [out, in].T, with a single float32 row on the CPU spread over threads.
+    """x [..., in] @ weight [out, in].T, with products of a few float32 rows on the CPU spread
+    over threads.
 
     PyTorch's CPU product of one row with W.T (a GEMV: every step of decoding) ran on one thread
-    here whatever torch.get_num_threads() said, reading weights at about 6 GB/s; the same product
-    as a batch of row blocks of W runs a block per thread, at 11-15 GB/s on 2 cores (bench/decode.py)."""
+    here whatever torch.get_num_threads() said, reading weights at 6-8 GB/s, and 2-8 rows ran
+    slower still (3-5 GB/s); the same product as a batch of row blocks of W runs one block per
+    thread, at 12-17 GB/s on 2 cores for 1 row and 10-13 GB/s for 4 (bench/decode.py)."""
     threads = torch.get_num_threads()
     out_features, in_features = weight.shape
-    if (threads == 1 or weight.numel() < GEMV_SPLIT_MIN or x.numel() != in_features or x.device.type != "cpu" or x.dtype != torch.float32
-            or weight.dtype != torch.float32 or out_features % threads or not weight.is_contiguous()):
+    rows = x.numel() // in_features if in_features else 0
+    if (threads == 1 or not 0 < rows <= GEMV_MAX_ROWS or weight.numel() < GEMV_SPLIT_MIN or x.device.type != "cpu"
+            or x.dtype != torch.float32 or weight.dtype != torch.float32 or out_features % threads
+            or not weight.is_contiguous()):
         return F.linear(x, weight)
     blocks = weight.view(threads, out_features // threads, in_features)
-    y = torch.bmm(blocks, x.reshape(1, in_features, 1).expand(threads, in_features, 1))
-    return y.view(*x.shape[:-1], out_features)
+    y = torch.bmm(blocks, x.reshape(rows, in_features).t().expand(threads, in_features, rows))  # [threads, out/threads, rows]
+    return y.view(out_features, rows).t().contiguous().view(*x.shape[:-1], out_features)
 
 
 class Linear(nn.Linear):
-    """nn.Linear without bias, its one-row CPU products threaded (see `linear`)."""
+    """nn.Linear without bias, its few-row CPU products threaded (see `linear`)."""
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)

@@ -1,4 +1,4 @@
-"""The decoding speed paths: llama.parallel.linear's threaded one-row product, the complex RoPE,
+"""The decoding speed paths: llama.parallel.linear's threaded few-row product, the complex RoPE,
 attention without a mask for one token over the cache, last_only prefill logits, and greedy
 Llama.generate token for token against HF transformers' generate on the same weights.
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llama.parallel
+import llama.parallel as llama_parallel
 
 transformers = pytest.importorskip("transformers")
 
@@ -81,13 +81,13 @@ def split_tiny_weights(request, monkeypatch):
     """Tiny test weights take the threaded path too (it is skipped below GEMV_SPLIT_MIN elements),
     except in the test of that threshold itself."""
     if "real_threshold" not in request.keywords:
-        monkeypatch.setattr(llama.parallel, "GEMV_SPLIT_MIN", 0)
+        monkeypatch.setattr(llama_parallel, "GEMV_SPLIT_MIN", 0)
 
 
 @pytest.mark.real_threshold
 def test_linear_small_weight_uses_f_linear():
     """Below GEMV_SPLIT_MIN elements one thread is cheaper than waking the second: F.linear."""
-    rows = llama.parallel.GEMV_SPLIT_MIN // 64
+    rows = llama_parallel.GEMV_SPLIT_MIN // 64
     for out_features, path in ((rows // 2, "linear"), (rows, "bmm")):
         w, x = torch.randn(out_features, 64), torch.randn(1, 64)
         with num_threads(2), CountCalls() as calls:
@@ -125,18 +125,26 @@ def test_linear_non_contiguous_row_takes_the_bmm_path():
     assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
 
 
-@pytest.mark.parametrize("x_shape", [(2, 40), (1, 3, 40), (3, 1, 40)])
-def test_linear_several_rows_use_f_linear(x_shape):
+@pytest.mark.parametrize("x_shape", [(2, 40), (1, 3, 40), (3, 1, 40), (8, 40), (2, 4, 40)])
+def test_linear_a_few_rows_take_the_bmm_path(x_shape):
+    torch.manual_seed(2)
+    w = torch.randn(16, 40)
+    x = torch.randn(x_shape)
+    with num_threads(2), CountCalls() as calls:
+        y = linear(x, w)
+    assert calls.count("bmm") == 1 and calls.count("linear") == 0
+    assert y.shape == (*x_shape[:-1], 16) and y.is_contiguous()  # as F.linear's: views of it follow
+    assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
+
+
+@pytest.mark.parametrize("x_shape", [(9, 40), (3, 3, 40), (64, 40)])
+def test_linear_many_rows_use_f_linear(x_shape):
     torch.manual_seed(2)
     w = torch.randn(16, 40)
     x = torch.randn(x_shape)
     with num_threads(2), CountCalls() as calls:
         y = linear(x, w)
     assert calls.count("bmm") == 0 and calls.count("linear") == 1
-    assert y.shape == (*x_shape[:-1], 16)
-    assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
-
-
 def test_linear_falls_back_with_one_thread():
     torch.manual_seed(3)
     w, x = torch.randn(16, 40), torch.randn(1, 40)
@@ -324,9 +332,9 @@ def test_greedy_generate_matches_hf_batch_of_one(pair, prompt, threads, monkeypa
     assert calls[0] == (len(prompt), 0, None, True, (1, 1, VOCAB))
     assert all(c[0] == 1 and c[2] is None and c[4] == (1, 1, VOCAB) for c in calls[1:])
     assert len(calls) == N_NEW  # prefill + N_NEW - 1 decode steps
-    # one-row products: 7 linears per layer and the output, per decode step and for the prefill's last slot
-    one_row = (7 * llama.model.args.n_layers + 1) * (N_NEW - 1) + 1
-    assert fns.count("bmm") == (one_row if threads > 1 else 0)
+    # few-row products (a 5-token prompt is one too): 7 linears per layer and the output, per call
+    assert len(prompt) <= llama_parallel.GEMV_MAX_ROWS
+    assert fns.count("bmm") == ((7 * llama.model.args.n_layers + 1) * N_NEW if threads > 1 else 0)
     n_layers = llama.model.args.n_layers
     assert fns.sdpa[:n_layers] == [(True, True)] * n_layers  # prefill: causal, no mask
     assert set(fns.sdpa[n_layers:]) == {(True, False)}  # decode: no mask, not causal
