@@ -124,7 +124,7 @@ def main() -> None:
     summary = {}
     for mode in a.modes:
         ours, peer = results[f"{mode} ours"], results[f"{mode} {PEERS[mode]}"]
-        row = {"ours_tok_s": median(ours["tok_s"]), "peer_tok_s": median(peer["tok_s"]),
+        row = {"ours_tok_s": round(median(ours["tok_s"]), 1), "peer_tok_s": round(median(peer["tok_s"]), 1),
                "ours_peak_gib": round(ours["peak_bytes"] / gib, 3), "peer_peak_gib": round(peer["peak_bytes"] / gib, 3),
                "ours_peak_above_baseline_gib": round((ours["peak_bytes"] - ours["baseline_bytes"]) / gib, 3),
                "peer_peak_above_baseline_gib": round((peer["peak_bytes"] - peer["baseline_bytes"]) / gib, 3),
