@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llama.model import Transformer
+from llama.parallel import Linear
 from finetune.prompt_tuning import PromptTuning
 
 LM_TASKS = ("sft", "pt")
@@ -35,11 +36,16 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets):
-        """hidden [tokens, dim], weight [vocab, dim], targets [tokens] -> summed loss (float32)."""
+        """hidden [tokens, dim], weight [vocab, dim], targets [tokens] -> summed loss (float32).
+        Under autocast the matmuls, forward and backward, run in its dtype, as nn.Linear's would."""
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        ctx.dtypes = hidden.dtype, weight.dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)  # once: autocast recasts a frozen weight per use
         vocab = weight.shape[0]
         # 16-bit training keeps the gradient in 16 bits, as autograd would through 16-bit logits
         grad = torch.empty(hidden.shape[0], vocab, device=hidden.device,
-                           dtype=hidden.dtype if hidden.dtype in (torch.float16, torch.bfloat16) else torch.float32)
+                           dtype=dtype if dtype in (torch.float16, torch.bfloat16) else torch.float32)
         loss = torch.zeros((), device=hidden.device)
         rows = max(1, LinearCrossEntropy.CHUNK_ELEMENTS // vocab)
         for start in range(0, hidden.shape[0], rows):
@@ -56,14 +62,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the saved gradient is not a function of the inputs
     def backward(ctx, grad_loss):
         hidden, weight, grad = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
         grad_hidden = grad_weight = None
-        # the upstream scalar scales the [tokens, dim] side, never a [vocab, ...] tensor
+        scale = grad_loss.to(hidden.dtype)  # scales the [tokens, dim] side, never a [vocab, ...] tensor
         if ctx.needs_input_grad[0]:
-            grad_hidden = (grad.to(weight.dtype) @ weight) * grad_loss.to(weight.dtype)
+            grad_hidden = ((grad.to(weight.dtype) @ weight) * scale).to(hidden_dtype)
         if ctx.needs_input_grad[1]:
-            grad_weight = grad.t().to(hidden.dtype) @ (hidden * grad_loss.to(hidden.dtype))
+            grad_weight = (grad.t().to(hidden.dtype) @ (hidden * scale)).to(weight_dtype)
         return grad_hidden, grad_weight, None
 
 
@@ -74,9 +82,9 @@ def lm_loss_sum(hidden: torch.Tensor, output: nn.Module, labels: torch.Tensor) -
     targets = labels[:, 1:].flatten()
     keep = targets != -100
     hidden, targets = hidden[:, :-1].flatten(0, 1)[keep], targets[keep]
-    if isinstance(output, nn.Linear) and output.bias is None:
+    if type(output) in (nn.Linear, Linear) and output.bias is None and torch.is_grad_enabled():
         loss = LinearCrossEntropy.apply(hidden, output.weight, targets)
-    else:  # a tensor-parallel output layer gathers its logits itself
+    else:  # evaluation keeps no gradient; a tensor-parallel output layer gathers its logits itself
         loss = F.cross_entropy(output(hidden).float(), targets, reduction="sum")
     return loss, keep.sum()
 

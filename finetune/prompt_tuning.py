@@ -67,7 +67,8 @@ class PromptTuning(nn.Module):
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, pad_lens: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:
-        """tokens [batch, seq] -> logits [batch, seq, vocab] (float32), as Transformer.forward."""
+        """tokens [batch, seq] -> logits [batch, seq, vocab] (float32), or [batch, 1, vocab] with
+        last_only, as Transformer.forward."""
         if start_pos == 0:
             hidden = self.encode(tokens, pad_lens)
         else:

@@ -303,3 +303,51 @@ def test_task_model_sft_loss_and_grads_match_plain_logits(prompt_tuned):
     assert abs(loss.item() - plain.item()) / plain.item() <= TOL
     for got, want in zip(grads, ref_grads):
         assert rel_err(got, want) <= 1e-4  # through the whole float32 model
+
+
+def test_double_backward_is_refused():
+    """The saved softmax - onehot is not a function of the inputs: a second-order gradient through
+    it would be silently wrong, so it must raise instead."""
+    hidden, weight, labels = make_inputs(seed=11)
+    hidden.requires_grad_()
+    loss, _ = lm_loss_sum(hidden, output_layer(weight), labels)
+    with pytest.raises(RuntimeError):  # either "does not require grad" or "differentiate twice"
+        (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+        grad.pow(2).sum().backward()
+
+
+def test_autocast_runs_the_matmuls_in_its_dtype_and_returns_float32_grads():
+    """Under bf16 autocast with float32 hidden and weight (full fine-tuning's setup), every matmul
+    of forward and backward is bf16, as through autocast's nn.Linear, and the gradients come back
+    float32; values agree with float64 within bf16 tolerance."""
+    hidden, weight, labels = make_inputs(seed=12)
+    hidden.requires_grad_()
+    layer = output_layer(weight)
+    seen = []
+
+    class MatmulDtypes(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm"):
+                seen.append(tuple(a.dtype for a in args[:2]))
+            return func(*args, **(kwargs or {}))
+
+    with MatmulDtypes():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = lm_loss_sum(hidden, layer, labels)
+        loss.backward()
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert hidden.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    ref_loss, _, ref_h, ref_w, _ = reference(hidden, weight, labels)
+    assert abs(loss.item() - ref_loss.item()) <= TOL_BF16_LOSS * abs(ref_loss.item())
+    assert rel_err(hidden.grad, ref_h) <= TOL_BF16_GRAD and rel_err(layer.weight.grad, ref_w) <= TOL_BF16_GRAD
+
+
+def test_without_grad_no_gradient_buffer_is_built():
+    """Evaluation (no_grad) takes the plain path: LinearCrossEntropy would allocate a [tokens,
+    vocab] gradient nobody reads."""
+    hidden, weight, labels = make_inputs(seed=13)
+    with torch.no_grad():
+        loss, count = lm_loss_sum(hidden, output_layer(weight), labels)
+    ref_loss, ref_count, *_ = reference(hidden, weight, labels)
+    assert loss.grad_fn is None and count == ref_count
+    assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
