@@ -20,6 +20,6 @@ setup(
         # triton: the GPU int4 kernel is checked on CPU under TRITON_INTERPRET=1
         "test": ["pytest", "transformers>=4.45", "peft>=0.13", "triton"],
         # peers the benchmarks run beside ours (llama.cpp too when llama-cpp-python and gguf are installed)
-        "bench": ["transformers>=4.45", "peft>=0.13"],
+        "bench": ["transformers>=4.56", "peft>=0.13"],  # 4.56: from_pretrained(dtype=)
     },
 )

@@ -24,12 +24,12 @@ BENCH_58M = {"dim": 512, "n_layers": 8, "n_heads": 8, "vocab_size": 32000, "hidd
 _LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
 
 
-def hf_config(shape: dict = BENCH_58M, n_kv_heads: int | None = None):
+def hf_config(shape: dict = BENCH_58M):
     """transformers.LlamaConfig of a model shape given in our names."""
     from transformers import LlamaConfig
 
     return LlamaConfig(hidden_size=shape["dim"], num_hidden_layers=shape["n_layers"],
-                       num_attention_heads=shape["n_heads"], num_key_value_heads=n_kv_heads or shape["n_heads"],
+                       num_attention_heads=shape["n_heads"], num_key_value_heads=shape["n_heads"],
                        intermediate_size=shape["hidden_dim"], vocab_size=shape["vocab_size"],
                        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
 

@@ -11,21 +11,18 @@ mode to bench/results.jsonl.
 """
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "bench" / "results.jsonl"
 SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in)
 
-from common import gpu_ceilings, median  # noqa: E402
+from common import append_row, gpu_ceilings, median  # noqa: E402
 from common import timed as common_timed  # noqa: E402
 from quant.kernels import choose_path, int4_matmul  # noqa: E402
 from quant.pack import group_index, pack  # noqa: E402
@@ -148,11 +145,7 @@ def main() -> None:
     if a.memory_child:
         return memory_child(a.device)
     result = bench_memory(a.device) if a.memory else bench_speed(a.device, a.runs)
-    row = {"bench": "int4_memory" if a.memory else "int4_matmul", "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "host": platform.node(), "device": a.device, "cpu_count": torch.get_num_threads(), "torch": torch.__version__,
-           "runs": a.runs, **result, "cmd": "python " + " ".join(["bench/int4_matmul.py", *sys.argv[1:]])}
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row("int4_memory" if a.memory else "int4_matmul", {"runs": a.runs, **result}, "bench/int4_matmul.py", a.device)
 
 
 if __name__ == "__main__":
