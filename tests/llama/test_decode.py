@@ -125,26 +125,21 @@ def test_linear_non_contiguous_row_takes_the_bmm_path():
     assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
 
 
-@pytest.mark.parametrize("x_shape", [(2, 40), (1, 3, 40), (3, 1, 40), (8, 40), (2, 4, 40)])
-def test_linear_a_few_rows_take_the_bmm_path(x_shape):
+@pytest.mark.parametrize("x_shape, path", [
+    *[(shape, "bmm") for shape in [(2, 40), (1, 3, 40), (3, 1, 40), (8, 40), (2, 4, 40)]],  # up to GEMV_MAX_ROWS
+    *[(shape, "linear") for shape in [(9, 40), (3, 3, 40), (64, 40)]],
+])
+def test_linear_rows_pick_the_path(x_shape, path):
     torch.manual_seed(2)
     w = torch.randn(16, 40)
     x = torch.randn(x_shape)
     with num_threads(2), CountCalls() as calls:
         y = linear(x, w)
-    assert calls.count("bmm") == 1 and calls.count("linear") == 0
+    assert calls.count("bmm") == (path == "bmm") and calls.count("linear") == (path == "linear")
     assert y.shape == (*x_shape[:-1], 16) and y.is_contiguous()  # as F.linear's: views of it follow
     assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
 
 
-@pytest.mark.parametrize("x_shape", [(9, 40), (3, 3, 40), (64, 40)])
-def test_linear_many_rows_use_f_linear(x_shape):
-    torch.manual_seed(2)
-    w = torch.randn(16, 40)
-    x = torch.randn(x_shape)
-    with num_threads(2), CountCalls() as calls:
-        y = linear(x, w)
-    assert calls.count("bmm") == 0 and calls.count("linear") == 1
 def test_linear_falls_back_with_one_thread():
     torch.manual_seed(3)
     w, x = torch.randn(16, 40), torch.randn(1, 40)
