@@ -12,20 +12,15 @@ mode to bench/results.jsonl.
 import argparse
 import json
 import resource
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in)
+from common import append_row, gpu_ceilings, median, run_fresh  # puts the repo on sys.path
+from common import timed as common_timed
+from quant.kernels import choose_path, int4_matmul
+from quant.pack import group_index, pack
 
-from common import append_row, gpu_ceilings, median  # noqa: E402
-from common import timed as common_timed  # noqa: E402
-from quant.kernels import choose_path, int4_matmul  # noqa: E402
-from quant.pack import group_index, pack  # noqa: E402
+SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in)
 
 
 def random_int4(out_features: int, in_features: int, group_size: int = 128, device="cpu"):
@@ -121,9 +116,7 @@ def memory_child(device: str) -> None:
 
 
 def bench_memory(device: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", "--device", device], capture_output=True,
-                         text=True, check=True, cwd=ROOT)
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r = run_fresh(["bench/int4_matmul.py", "--memory-child", "--device", device])
     r["tensors_over_bf16"] = round(r["tensor_bytes"] / r["bf16_bytes"], 3)
     r["built_over_bf16"] = round(r["built_bytes"] / r["bf16_bytes"], 3)
     r["after_decode_over_bf16"] = round(r["after_decode_step_bytes"] / r["bf16_bytes"], 3)

@@ -18,8 +18,8 @@ quant/checkpoint.load_base (int4: round-to-nearest, group 128, and NF4: bitsandb
 quant, both quantized on load one block at a time), LoRA on the targets (r 8, alpha 16, dropout
 0.05, q and v by default), the trainer's AdamW (make_optimizer) on the trainable parameters, and
 --steps steps (forward, summed LM loss through TaskModel divided by its token count, backward,
-optimizer step) on random tokens, batch 1, --seq long. It prints the peak (CPU: peak RSS minus the baseline; GPU:
-max_memory_allocated, which starts at 0), the same after load_base alone, the bytes of the model's
+optimizer step) on random tokens, batch 1, --seq long. It prints the peak (CPU: peak RSS minus
+the baseline; GPU: max_memory_allocated, which starts at 0), the same after load_base alone, the bytes of the model's
 parameters and buffers (NF4's quantization state, about 3% of its packed weights, is not among
 them), each step's loss (about ln 32000 = 10.4: a sanity check) and seconds.
 

@@ -13,18 +13,14 @@ quantization error shows. Appends one JSON row to bench/results.jsonl.
 """
 import json
 import math
-import platform
 import shutil
 import tempfile
-import sys
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-RESULTS = ROOT / "bench" / "results.jsonl"
+from common import ROOT, append_row  # puts the repo on sys.path
+
 MODEL_DIR = ROOT / "ckpts" / "bench-quant"
 MODEL_ARGS = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=256)
 
@@ -114,12 +110,9 @@ def main() -> None:
                     results[name] = perplexity(model, held_out)
                     change = results[name] / results[f"{variant} float"] - 1
                     print(f"{name:<30} ppl {results[name]:.5f}  ({change:+.4%} vs float)")
-    row = {"bench": "quant_ppl", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
-           "torch": torch.__version__, "model": MODEL_ARGS, "calibration": f"{n} windows of {seq} tokens",
-           "held_out_tokens": sum(map(len, held_out)), "perplexity": {k: round(v, 6) for k, v in results.items()},
-           "cmd": "python bench/quant_ppl.py"}
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_row("quant_ppl", {"model": MODEL_ARGS, "calibration": f"{n} windows of {seq} tokens",
+                             "held_out_tokens": sum(map(len, held_out)),
+                             "perplexity": {k: round(v, 6) for k, v in results.items()}}, "bench/quant_ppl.py")
 
 
 if __name__ == "__main__":
