@@ -130,9 +130,11 @@ def test_each_method_and_task_lowers_eval_loss(base_ckpt, tmp_path, method, task
 
 
 def reference_eval_loss(ckpt) -> float:
-    """Mean next-token cross-entropy over the eval answers, one unpadded example at a time."""
-    args = read_model_args(ckpt)
-    model = load_model(ckpt, args)
+    return eval_loss_of(load_model(ckpt, read_model_args(ckpt)), ckpt)
+
+
+def eval_loss_of(model, ckpt) -> float:
+    """Mean next-token cross-entropy of model over the eval answers, one unpadded example at a time."""
     tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
     examples, _ = load_examples(DEMO_EVAL, tokenizer, DataConfig("sft", "plain", cutoff_len=64))
     total, count = 0.0, 0

@@ -14,24 +14,22 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
 from finetune.adapters import load_adapter
 from finetune.config import TrainConfig
-from finetune.data import DataConfig, load_examples
 from finetune.lora import LoRALinear, apply_lora, lora_layers
 from finetune.trainer import train
 from llama.checkpoint import load_model, read_model_args, save_checkpoint
 from llama.tiny import random_model
-from llama.tokenizer import Tokenizer
 from quant.checkpoint import load_base
 from quant.gptq import GPTQ, rtn
 from quant.linear import LAYER_LINEARS, Int4Linear, NF4Linear, quantize_model_
 from tests.conftest import ROOT, tiny_args
+from tests.finetune.test_trainer import config as trainer_config
+from tests.finetune.test_trainer import eval_loss_of
 
-DEMO_TRAIN, DEMO_EVAL = ROOT / "data" / "demo" / "train.jsonl", ROOT / "data" / "demo" / "eval.jsonl"
 GROUP = 32  # divides every input width of tiny_args (64, and the FFN's 192)
 
 
@@ -204,30 +202,13 @@ def fp16_ckpt(tmp_path_factory, tokenizer_path):
 
 
 def config(ckpt, out_dir, **kw) -> TrainConfig:
-    base = dict(ckpt_dir=str(ckpt), dtype="float32", device="cpu", method="lora", task="sft",
-                train_file=str(DEMO_TRAIN), eval_file=str(DEMO_EVAL), template="plain", cutoff_len=64,
-                out_dir=str(out_dir), seed=0, micro_batch_size=8, max_steps=30, lr=1e-2, warmup_steps=0,
-                lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets=["all-linear"], eval_every=0,
-                save_every=0, exact_match_samples=0, quant_group_size=GROUP)
-    return TrainConfig(**{**base, **kw}).check()
+    """tests/finetune/test_trainer.py's small sft LoRA run on the demo data, at lr 1e-2 and with
+    this file's int4 group size."""
+    return trainer_config(ckpt, out_dir, **{"lr": 1e-2, "quant_group_size": GROUP, **kw})
 
 
 def read_metrics(out_dir) -> list[dict]:
     return [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-
-
-def eval_loss_of(model: nn.Module, ckpt) -> float:
-    """Mean next-token cross-entropy over the demo eval answers, one unpadded example at a time."""
-    tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
-    examples, _ = load_examples(DEMO_EVAL, tokenizer, DataConfig("sft", "plain", cutoff_len=64))
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ex in examples:
-            logits = model(torch.tensor([ex.ids]))[0]
-            labels = torch.tensor(ex.labels)
-            total += F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum").item()
-            count += int((labels[1:] != -100).sum())
-    return total / count
 
 
 def dequantized_float_model(ckpt, quant: str) -> nn.Module:
@@ -382,7 +363,6 @@ def test_example_int4_on_load_and_from_a_gptq_folder_generate_the_same_text(fp16
 @pytest.mark.parametrize("method", ["full", "freeze"])
 def test_quantized_base_trains_adapters_only(method):
     """int4/NF4 weights are frozen buffers: full or freeze tuning on them is refused up front."""
-    from finetune.config import TrainConfig
     from llama.errors import LlamaInputError
 
     with pytest.raises(LlamaInputError, match="lora or prompt"):
