@@ -319,12 +319,14 @@ def _meta_layout_index(files: list[Path], mp_rank: int, mp_size: int) -> dict:
     return index
 
 
-def iter_hf_names(ckpt_dir) -> Iterator[tuple[Path, object, str, str]]:
-    """(weight file, opened file, HF name, Meta key) for every tensor of an HF folder."""
+def iter_hf_names(ckpt_dir, key_of=None) -> Iterator[tuple[Path, object, str, str]]:
+    """(weight file, opened file, HF name, Meta key) for every tensor of an HF folder. key_of maps
+    an HF name to its key (default hf_to_meta_key; None for a name to skip or refuse)."""
+    key_of = key_of or hf_to_meta_key
     for path in hf_weight_files(ckpt_dir):
         f = open_tensor_file(path)
         for name in f.keys():
-            key = hf_to_meta_key(name)
+            key = key_of(name)
             if key is None:
                 if IGNORED_KEYS.search(name):
                     continue

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from llama.checkpoint import (
-    IGNORED_KEYS, assign_from_index, check_shard_count, checkpoint_index, hf_loader, hf_to_meta_key, hf_weight_files,
-    load_model, meta_model_outside_blocks, meta_to_hf_key, open_tensor_file, permute_rope_rows, quantization_config,
-    save_safetensors, split_dim, unpermute_rope_rows,
+    assign_from_index, check_shard_count, checkpoint_index, hf_loader, hf_to_meta_key, iter_hf_names, load_model,
+    meta_model_outside_blocks, meta_to_hf_key, permute_rope_rows, quantization_config, save_safetensors, split_dim,
+    unpermute_rope_rows,
 )
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
@@ -86,7 +86,7 @@ def load_int4(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_r
     group_size = int(config.get("group_size", -1))
     parts: dict[str, dict] = {}
     plain = {}  # the float tensors, as a checkpoint_index of this rank's shares
-    for path, f, name, key in _iter_names(ckpt_dir):
+    for path, f, name, key in iter_hf_names(ckpt_dir, _meta_key):
         if key.endswith(INT4_PARTS + ("bias",)):
             module, part = key.rsplit(".", 1)
             parts.setdefault(module, {})[part] = (path, f, name)
@@ -138,20 +138,14 @@ def _share(load, dim, rank: int, size: int):
     return lambda: load().chunk(size, dim=dim)[rank]
 
 
-def _iter_names(ckpt_dir):
-    """(file, opened file, HF name, Meta key) like llama's iter_hf_names, with each quantized
-    part (q_proj.qweight ...) keyed like its module (layers.0.attention.wq.qweight)."""
-    for path in hf_weight_files(ckpt_dir):
-        f = open_tensor_file(path)
-        for name in f.keys():
-            stem, _, part = name.rpartition(".")
-            module_key = hf_to_meta_key(f"{stem}.weight")
-            if module_key is not None and part in INT4_PARTS + ("bias",):
-                yield path, f, name, f"{module_key.removesuffix('.weight')}.{part}"
-            elif (key := hf_to_meta_key(name)) is not None:
-                yield path, f, name, key
-            elif not IGNORED_KEYS.search(name):
-                raise LlamaInputError(f"{path}: unexpected tensor {name}")
+def _meta_key(name: str):
+    """hf_to_meta_key, with each quantized part (q_proj.qweight ...) keyed like its module
+    (layers.0.attention.wq.qweight)."""
+    stem, _, part = name.rpartition(".")
+    module_key = hf_to_meta_key(f"{stem}.weight")
+    if module_key is not None and part in INT4_PARTS + ("bias",):
+        return f"{module_key.removesuffix('.weight')}.{part}"
+    return hf_to_meta_key(name)
 
 
 def _full_shape(layer, mp_size: int) -> tuple[int, int]:
