@@ -5,6 +5,7 @@ One entry point, `int4_matmul`, picks a path by device, activation dtype and row
     reference  dequantize (pack.dequantize), matmul            any device; tests measure the rest against it
     dequant    dequantize into a shared scratch buffer, matmul  large M: the dequant is paid once per M rows
     cpu_int4   PyTorch's `_weight_int4pack_mm_for_cpu`          CPU, bf16 activations, small M (decode)
+               (float32 activations run too, exactly but slowly: never chosen for them)
     triton     fused unpack + matmul (triton_int4.py)            CUDA, small M
 
 The weight is frozen; the backward pass gives the input gradient only (what LoRA and prompt
@@ -108,29 +109,38 @@ def cpu_int4_supported(w: Int4Weight) -> bool:
     return size in CPU_GROUP_SIZES or (w.scales.shape[0] == 1 and w.in_features % 128 == 0)
 
 
-def cpu_int4_weights(w: Int4Weight) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The op's packed weight [out, in/2] and scales_and_zeros [in/group, out, 2] (bf16), built
-    once per layer and kept while its tensors are unchanged. GPTQ's s * (q - z) is the op's
-    (q - 8) * s + zf with zf = s * (8 - z); one per-channel group becomes groups of 128."""
+def cpu_int4_packed(w: Int4Weight) -> torch.Tensor:
+    """The op's packed weight [out, in/2] (uint8, a CPU-specific nibble order), built once per
+    layer and kept while its tensors are unchanged."""
+    def build():
+        q = unpack_rows(w.qweight).t().to(torch.int32).contiguous()  # [out, in]
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+
+    return cached(w, "cpu_int4_packed", (w.qweight,), build)
+
+
+def cpu_int4_scales_and_zeros(w: Int4Weight, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """The op's scales_and_zeros [in/group, out, 2] in the activations' dtype (the op takes
+    both in one dtype), and its group size. GPTQ's s * (q - z) is the op's (q - 8) * s + zf with
+    zf = s * (8 - z); one per-channel group becomes groups of 128."""
     def build():
         size = contiguous_groups(w)
-        q = unpack_rows(w.qweight).t().to(torch.int32).contiguous()  # [out, in]
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
         zeros, scales = unpack_cols(w.qzeros).float() + 1, w.scales.float()
         if size not in CPU_GROUP_SIZES:  # per-channel: repeat the one group's scale over groups of 128
             repeat, size = w.in_features // 128, 128
             zeros, scales = zeros.repeat(repeat, 1), scales.repeat(repeat, 1)
-        scales_and_zeros = torch.stack((scales, scales * (8 - zeros)), dim=-1).to(torch.bfloat16).contiguous()
-        return packed, scales_and_zeros, size
+        return torch.stack((scales, scales * (8 - zeros)), dim=-1).to(dtype).contiguous(), size
 
-    return cached(w, "cpu_int4", (w.qweight, w.qzeros, w.scales), build)
+    return cached(w, f"cpu_int4_scales_and_zeros_{dtype}", (w.qzeros, w.scales, w.g_idx), build)
 
 
 def _cpu_int4(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
+    """bf16 activations are the fast case; float32 ones take the op's slow generic loop (~5x the
+    float32 dense time at M=1) but the same packed weight, exact to float32 rounding."""
     if not cpu_int4_supported(w):
         raise ValueError("cpu_int4 needs whole groups of 32-256 in order (no act-order) and out_features % 16 == 0")
-    packed, scales_and_zeros, size = cpu_int4_weights(w)
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, size, scales_and_zeros)
+    scales_and_zeros, size = cpu_int4_scales_and_zeros(w, x.dtype)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), cpu_int4_packed(w), size, scales_and_zeros)
 
 
 def _triton(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:

@@ -2,9 +2,10 @@
 built from the test's own GPTQ-layout packer (tests/quant/test_pack.py):
 
     reference     y_ref = x.double() @ W64.T, W64 the float64 dequantized weight
-    float32 paths (reference, dequant, triton under TRITON_INTERPRET=1): ||y - y_ref|| / ||y_ref|| <= 1e-3
-    cpu_int4      bf16 activations: judged against the error of a bf16 dense matmul on the same
-                  inputs (err_int4 <= 1.5 * err_bf16_dense + 5e-4)
+    float32 paths (reference, dequant, cpu_int4, triton under TRITON_INTERPRET=1):
+                  ||y - y_ref|| / ||y_ref|| <= 1e-3
+    cpu_int4      also with bf16 activations, its fast case: judged against the error of a bf16
+                  dense matmul on the same inputs (err_int4 <= 1.5 * err_bf16_dense + 5e-4)
     backward      input gradient = autograd through x @ W.T with the float weight (<= 1e-5 in float32)
 
 The Triton kernel runs in a subprocess with TRITON_INTERPRET=1 set before triton is imported
@@ -59,9 +60,12 @@ def inputs(m: int, k: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
 # --- forward ----------------------------------------------------------------------------------
 
 
+FLOAT32_PATHS = [(name, path) for name in CASES for path in ("reference", "dequant")] + \
+    [(name, "cpu_int4") for name in CPU_INT4_CASES]  # float32 through the CPU op: its slow loop, never chosen
+
+
 @pytest.mark.parametrize("m", MS)
-@pytest.mark.parametrize("path", ["reference", "dequant"])
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name,path", FLOAT32_PATHS)
 def test_float32_paths_match_float64_reference(name, path, m):
     w, w64 = layer(name)
     x = inputs(m, w.in_features, seed=m)
@@ -138,8 +142,7 @@ def test_bf16_decode_with_out_features_not_multiple_of_16():
 
 
 @pytest.mark.parametrize("m", (1, 64))
-@pytest.mark.parametrize("path", ["reference", "dequant"])
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name,path", FLOAT32_PATHS)
 def test_input_gradient_float32(name, path, m):
     w, w64 = layer(name)
     x = inputs(m, w.in_features, seed=20 + m).requires_grad_()
