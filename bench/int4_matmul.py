@@ -12,6 +12,7 @@ mode to bench/results.jsonl.
 import argparse
 import json
 import resource
+from typing import Optional
 
 import torch
 
@@ -66,14 +67,14 @@ def bench_speed(device: str, runs: int) -> dict:
     return result
 
 
-def build_int4_7b(device: str):
-    """LLaMA-7B shapes with Int4Linear blocks (random int4 weights, group 128) and bf16
-    embeddings, norms and output, built without ever holding a float copy of a block."""
+def build_int4_7b(device: str, shape: Optional[dict] = None):
+    """LLaMA-7B shapes (or `shape`) with Int4Linear blocks (random int4 weights, group 128) and
+    bf16 embeddings, norms and output, built without ever holding a float copy of a block."""
     from llama.config import ModelArgs
     from llama.model import Transformer
     from quant.linear import Int4Linear, swap_linears
 
-    args = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000)
+    args = ModelArgs(**(shape or dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000)))
     with torch.device("meta"):
         model = Transformer(args)
 
@@ -101,8 +102,17 @@ def build_int4_7b(device: str):
 
 def memory_child(device: str) -> None:
     """Runs in a fresh process: prints peak memory of building (and running one bf16 decode step
-    of) the int4 7B, minus the process's memory before building."""
+    of) the int4 7B, minus the process's memory before building. A tiny model is built and run
+    first, so that the modules it imports and the library code it pages in (~0.15 GB, not the
+    model's) are in the baseline."""
     cuda = device == "cuda"
+    tiny, _ = build_int4_7b(device, dict(dim=256, n_layers=1, n_heads=2, vocab_size=256))
+    with torch.inference_mode():
+        tiny.setup_caches(1, 8)
+        tiny(torch.zeros(1, 1, dtype=torch.long, device=device))
+    del tiny
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model, n_params = build_int4_7b(device)
     built = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
