@@ -19,7 +19,8 @@ class TrainConfig:
     # [model]
     ckpt_dir: str = _key("", "base checkpoint folder (Meta, HF or ours; a split checkpoint trains tensor-parallel)", "model")
     tokenizer_path: str = _key("", "sentencepiece tokenizer.model (default: in ckpt_dir or its parent)", "model")
-    dtype: str = _key("bfloat16", "dtype of the frozen base weights: bfloat16, float16 or float32", "model")
+    dtype: str = _key("auto", "dtype of the frozen base weights: bfloat16, float16, float32, or auto (bfloat16 on GPU, "
+                              "float32 on CPU, where 16-bit matmuls run ~10x slower without native support)", "model")
     quant: str = _key("none", "base weights: int4 (a GPTQ folder as is; float weights rounded to nearest on load), "
                               "nf4 (bitsandbytes, double quant), or none (as loaded)", "model")
     quant_group_size: int = _key(128, "int4 on load: input features per scale (must divide every layer's input width); -1 per channel", "model")
@@ -78,7 +79,7 @@ class TrainConfig:
         choices = {
             "method": ("lora", "prompt", "full", "freeze"), "task": ("sft", "pt", "cls", "regression"),
             "precision": ("auto", "bf16", "fp16", "fp32"), "quant": ("none", "int4", "nf4"),
-            "prompt_init": ("text", "vocab", "random"), "dtype": ("bfloat16", "float16", "float32"),
+            "prompt_init": ("text", "vocab", "random"), "dtype": ("auto", "bfloat16", "float16", "float32"),
             "template": TEMPLATES,
         }
         for key, allowed in choices.items():

@@ -42,6 +42,13 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def base_dtype(dtype: str, device) -> torch.dtype:
+    """The config's dtype, with auto resolved for the device the model runs on."""
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return parse_dtype(dtype)
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run cfg to the end (or resume it). Returns the final metrics (identical on every rank)."""
     # --- processes, model, method ------------------------------------------------------------
@@ -56,7 +63,8 @@ def train(cfg: TrainConfig) -> dict:
     args = read_model_args(cfg.ckpt_dir)
     tokenizer = Tokenizer(cfg.tokenizer_path or find_tokenizer(cfg.ckpt_dir))
     check_vocab(args, tokenizer)
-    model = load_base(cfg.ckpt_dir, args, parse_dtype(cfg.dtype), device, model_parallel_rank(), tp,
+    dtype = base_dtype(cfg.dtype, (devices or [device])[0])
+    model = load_base(cfg.ckpt_dir, args, dtype, device, model_parallel_rank(), tp,
                       quant=cfg.quant, group_size=cfg.quant_group_size)
     if devices:
         place_layers(model, devices, device_shares(devices))
@@ -212,7 +220,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.merge and cfg.method == "lora":
         transformer = task_model.transformer
         if rank < tp:  # one writer per tensor-parallel shard
-            merged = merged_state_dict(transformer, parse_dtype(cfg.dtype))
+            merged = merged_state_dict(transformer, dtype)
             save_checkpoint(transformer, out_dir / "merged", merged, rank=model_parallel_rank())
         say(f"wrote {out_dir / 'merged'} (LoRA folded into the base weights)")
     if match_set:

@@ -389,3 +389,14 @@ def test_resuming_a_finished_run_reports_its_eval(base_ckpt, tmp_path):
     first = train(config(base_ckpt, tmp_path, max_steps=4, save_every=2))
     again = train(config(base_ckpt, tmp_path, max_steps=4, save_every=2))
     assert again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype,expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_auto_dtype_is_float32_on_cpu(base_ckpt, tmp_path, dtype, expected):
+    """dtype auto (the default) keeps a CPU base in float32, where 16-bit matmuls are ~10x slower;
+    the merged checkpoint is written in the base's dtype, which shows what was loaded."""
+    assert TrainConfig().dtype == "auto"
+    train(config(base_ckpt, tmp_path, dtype=dtype, merge=True, max_steps=1, lora_targets=["wq", "wv"]))
+    files = sorted((tmp_path / "merged").glob("*.safetensors"))
+    assert files
+    assert {t.dtype for f in files for t in load_file(f).values()} == {expected}
