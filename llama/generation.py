@@ -61,13 +61,28 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: Option
 
 
 class Llama:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int, seed: int = 1,
+                 compile: bool = False):
+        """compile: run the one-token decode steps through torch.compile (the prompt stays eager).
+        Compiling takes 20-50 s at the first generate; each token after it skips most of the
+        ~1,000 small-op dispatches of an eager step (bench/decode.py)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.max_batch_size = max_batch_size
         # every rank draws the same samples from the same (gathered) logits
         self.generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
+        self.compile = compile
+        self._compiled: Optional[tuple] = None  # (model, its compiled form): the model may be swapped for an adapter's
+
+    def decode_step(self) -> Callable:
+        """The model, or its compiled form for one-token steps."""
+        if not self.compile:
+            return self.model
+        if self._compiled is None or self._compiled[0] is not self.model:
+            # dynamic: one graph for every cache position, instead of a recompile at the second one
+            self._compiled = (self.model, torch.compile(self.model, dynamic=True))
+        return self._compiled[1]
 
     @staticmethod
     def build(
@@ -80,6 +95,7 @@ class Llama:
         seed: int = 1,
         devices=None,
         loader=load_model,
+        compile: bool = False,
     ) -> "Llama":
         """Load a checkpoint (Meta, HF or ours) and its tokenizer. Under torchrun each rank loads
         its own tensor-parallel shard. `devices` (a list, "cuda:0,cuda:1" or "auto") spreads
@@ -96,7 +112,7 @@ class Llama:
         if devices is not None:
             place_layers(model, devices, device_shares(devices))
         model.setup_caches(max_batch_size, max_seq_len)
-        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed)
+        return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, compile)
 
     @torch.inference_mode()
     def generate(
@@ -131,6 +147,7 @@ class Llama:
         out: list[list[int]] = [[] for _ in range(bsz)]
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         logits = self.model(tokens, 0, pad_lens, last_only=True)[:, -1].to(device)
+        step = self.decode_step()
         for cur_pos in range(prompt_len, total_len):
             next_token = sample(logits, temperature, top_p, top_k, self.generator)
             next_token = torch.where(done, self.tokenizer.eos_id, next_token)
@@ -142,7 +159,7 @@ class Llama:
             done |= next_token == self.tokenizer.eos_id
             if done.all() or cur_pos + 1 == total_len:
                 break
-            logits = self.model(next_token[:, None], cur_pos, pad_lens)[:, -1].to(device)
+            logits = step(next_token[:, None], cur_pos, pad_lens)[:, -1].to(device)
         return out
 
     def text_completion(

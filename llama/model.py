@@ -87,8 +87,9 @@ class Attention(nn.Module):
             self.cache_k[:bsz, :, start_pos:end] = k
             self.cache_v[:bsz, :, start_pos:end] = v
             k, v = self.cache_k[:bsz, :, :end], self.cache_v[:bsz, :, :end]
+        # seqlen first: a compiled decode step (one token) then never tests its dynamic start_pos
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and start_pos == 0,
+            q, k, v, attn_mask=mask, is_causal=seqlen > 1 and mask is None and start_pos == 0,
             enable_gqa=self.n_local_heads != self.n_local_kv_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))

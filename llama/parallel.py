@@ -109,6 +109,13 @@ GEMV_SPLIT_MIN = 1 << 18  # weights smaller than this (1 MiB in float32) cost le
 GEMV_MAX_ROWS = 8  # past this many rows PyTorch's own GEMM does as well
 
 
+@torch.compiler.assume_constant_result
+def _threads() -> int:
+    """torch.get_num_threads(), which a compiled graph takes as a constant (dynamo cannot trace
+    it). The row-block split it sets only spreads the work: the product is the same for any count."""
+    return torch.get_num_threads()
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., in] @ weight [out, in].T, with products of a few float32 rows on the CPU spread
     over threads.
@@ -117,7 +124,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     here whatever torch.get_num_threads() said, reading weights at 6-8 GB/s, and 2-8 rows ran
     slower still (3-5 GB/s); the same product as a batch of row blocks of W runs one block per
     thread, at 12-17 GB/s on 2 cores for 1 row and 10-13 GB/s for 4 (bench/decode.py)."""
-    threads = torch.get_num_threads()
+    threads = _threads()
     out_features, in_features = weight.shape
     rows = x.numel() // in_features if in_features else 0
     if (threads == 1 or not 0 < rows <= GEMV_MAX_ROWS or weight.numel() < GEMV_SPLIT_MIN or x.device.type != "cpu"

@@ -361,6 +361,25 @@ def test_greedy_generate_equal_length_batch_matches_hf_alone(pair, monkeypatch):
     assert batched == [hf_greedy(hf, p) for p in prompts]
 
 
+# compiling takes ~35 s: the GQA model alone (SDPA's enable_gqa in the graph)
+@pytest.mark.parametrize("pair", [c for c in CASES if c.name == "gqa"], indirect=True, ids=["gqa"])
+def test_compiled_decode_matches_hf(pair):
+    """Llama(compile=True): the one-token steps run as one torch.compile graph (no graph breaks,
+    the threaded one-row products inside it) and give HF's greedy tokens, unpadded and
+    left-padded."""
+    from torch._dynamo.utils import counters
+
+    case, hf, llama = pair
+    compiled = Llama(llama.model, llama.tokenizer, llama.max_seq_len, llama.max_batch_size, compile=True)
+    torch._dynamo.reset()
+    counters.clear()
+    with num_threads(2):
+        assert compiled.generate([PROMPTS[0]], max_gen_len=N_NEW, temperature=0)[0] == hf_greedy(hf, PROMPTS[0])
+        assert compiled.generate(PROMPTS, max_gen_len=N_NEW, temperature=0) == [hf_greedy(hf, p) for p in PROMPTS]
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    torch._dynamo.reset()
+
+
 # --- last_only ------------------------------------------------------------------------------------
 
 
