@@ -1,5 +1,6 @@
-"""Batch-1 greedy decoding of bench-58M: tokens/s of ours against HF `generate`, and against
-llama.cpp on the same weights when `llama_cpp` and `gguf` are importable.
+"""Batch-1 greedy decoding of bench-58M: tokens/s of ours (eager, and with the decode step
+compiled: Llama(compile=True)) against HF `generate`, and against llama.cpp on the same weights
+when `llama_cpp` and `gguf` are importable.
 
     python bench/decode.py                       # CPU, float32: 128 new tokens after a 16-token prompt, 5 runs
     python bench/decode.py --device cuda         # GPU, bf16 (llama.cpp skipped), with the GPU's ceilings
@@ -27,12 +28,12 @@ from llama.checkpoint import load_model, read_model_args  # noqa: E402  (common 
 from llama.generation import Llama  # noqa: E402
 
 
-def ours(ckpt: Path, prompt: list[int], new: int, dtype, device: str):
+def ours(ckpt: Path, prompt: list[int], new: int, dtype, device: str, compile: bool = False):
     args = read_model_args(ckpt)
     model = load_model(ckpt, args, dtype, device).eval()
     model.setup_caches(1, len(prompt) + new)
     # generate reads only pad_id and eos_id of a tokenizer; eos -1 never comes up
-    llama = Llama(model, SimpleNamespace(pad_id=0, eos_id=-1), len(prompt) + new, 1)
+    llama = Llama(model, SimpleNamespace(pad_id=0, eos_id=-1), len(prompt) + new, 1, compile=compile)
     return lambda: llama.generate([prompt], new, temperature=0)[0]
 
 
@@ -130,6 +131,9 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128, help="tokens generated per call (default 128)")
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens (default 16)")
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even if it is importable")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip 'ours compiled' (Llama(compile=True): the decode step through torch.compile, "
+                        "compiled during the warm-up, 20-50 s)")
     a = p.parse_args()
     dtype = getattr(torch, a.dtype or ("bfloat16" if a.device == "cuda" else "float32"))
     sync = torch.cuda.synchronize if a.device == "cuda" else (lambda: None)
@@ -137,7 +141,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_hf_checkpoint(Path(tmp))
-        peers = {"ours": ours(ckpt, prompt, a.new, dtype, a.device), "hf": hf(ckpt, prompt, a.new, dtype, a.device)}
+        peers = {"ours": ours(ckpt, prompt, a.new, dtype, a.device)}
+        if not a.no_compile:
+            peers["ours compiled"] = ours(ckpt, prompt, a.new, dtype, a.device, compile=True)
+        peers["hf"] = hf(ckpt, prompt, a.new, dtype, a.device)
         if a.device == "cpu" and not a.no_llama_cpp:
             if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
                 peers["llama.cpp f32"] = llama_cpp(ckpt, prompt, a.new, torch.get_num_threads())
@@ -154,15 +161,16 @@ def main() -> None:
               "tok_s_median": {k: round(median(v), 2) for k, v in tok_s.items()},
               "greedy_tokens_same_as_ours": {k: same_prefix(tokens["ours"], v) for k, v in tokens.items() if k != "ours"}}
     med = result["tok_s_median"]
-    result["ratios"] = {f"ours/{k}": round(med["ours"] / v, 2) for k, v in med.items() if k != "ours"}
+    ours_names = [k for k in med if k.startswith("ours")]
+    result["ratios"] = {f"{o}/{k}": round(med[o] / v, 2) for o in ours_names for k, v in med.items() if k not in ours_names}
     if a.device == "cuda":
         result["ceilings"] = gpu_ceilings()
     print(f"bench-58M batch-1 greedy decode, {a.new} tokens after {a.prompt}, {result['dtype']}, "
           f"{torch.get_num_threads()} threads, median of {a.runs}")
     for name, v in med.items():
-        ratio = "" if name == "ours" else f"   ours/{name} {med['ours'] / v:.2f}x   " \
-            f"same greedy prefix {result['greedy_tokens_same_as_ours'][name]}/{a.new}"
-        print(f"  {name:<14} {v:8.1f} tok/s{ratio}")
+        same = "" if name == "ours" else f"   same greedy prefix {result['greedy_tokens_same_as_ours'][name]}/{a.new}"
+        ratios = "".join(f"   {o}/{name} {med[o] / v:.2f}x" for o in ours_names if name not in ours_names)
+        print(f"  {name:<14} {v:8.1f} tok/s{ratios}{same}")
     if "ceilings" in result:
         print("  ceilings:", result["ceilings"])
     append_row("decode", result, "bench/decode.py", a.device)

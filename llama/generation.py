@@ -64,8 +64,8 @@ class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int, seed: int = 1,
                  compile: bool = False):
         """compile: run the one-token decode steps through torch.compile (the prompt stays eager).
-        Compiling takes 20-50 s at the first generate; each token after it skips most of the
-        ~1,000 small-op dispatches of an eager step (bench/decode.py)."""
+        Compiling takes 15-50 s (2 CPU cores) at the first generate; each token after it skips
+        most of the ~1,000 small-op dispatches of an eager step (bench/decode.py)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
