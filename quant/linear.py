@@ -87,14 +87,16 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse=True):
-        """Moves and casts (model.to(device, bf16)) leave the GPTQ tensors' dtypes alone: scales
-        stay fp16 as stored (only moved, never cast there and back: that churn of freed copies
-        stayed in the allocator, 0.2 GB on a 7B), and kernel caches built for the old tensors are
-        dropped."""
-        scales, self._buffers["scales"] = self._buffers["scales"], None  # None: skipped, its place kept
-        super()._apply(fn, recurse)
-        device = fn(torch.empty(0, dtype=scales.dtype, device=scales.device)).device
-        self._buffers["scales"] = scales.to(device)
+        """Moves and casts (model.to(device, bf16)) leave the GPTQ tensors' dtypes alone, and
+        kernel caches built for the old tensors are dropped. Scales pass through as an int16 view
+        of their fp16 bits, which casts skip: never cast there and back (that churn of freed
+        copies stayed in the allocator, 0.2 GB on a 7B), while moves, share_memory and to_empty
+        still apply."""
+        self._buffers["scales"] = self._buffers["scales"].view(torch.int16)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["scales"] = self._buffers["scales"].view(torch.float16)
         self._cache.clear()
         return self
 
