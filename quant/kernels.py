@@ -4,8 +4,8 @@ One entry point, `int4_matmul`, picks a path by device, activation dtype and row
 
     reference  dequantize (pack.dequantize), matmul            any device; tests measure the rest against it
     dequant    dequantize into a shared scratch buffer, matmul  large M: the dequant is paid once per M rows
-    cpu_int4   PyTorch's `_weight_int4pack_mm_for_cpu`          CPU, bf16 activations, small M (decode)
-               (float32 activations run too, exactly but slowly: never chosen for them)
+    cpu_int4   PyTorch's `_weight_int4pack_mm_for_cpu`          CPU, bf16 activations, small M (decode);
+                                                                 float32 ones at M <= 4 (its slow loop)
     triton     fused unpack + matmul (triton_int4.py)            CUDA, small M
 
 The weight is frozen; the backward pass gives the input gradient only (what LoRA and prompt
@@ -23,6 +23,9 @@ from quant.pack import PER_WORD, Int4Weight, dequantize, unpack_cols, unpack_row
 # the op and dequantize-to-float32-then-multiply take about the same
 SMALL_M = 16
 CPU_OP_MAX_M = 256
+# float32 activations take the op's generic loop: 3-4x faster than dequantize-then-matmul at M=1,
+# level with it at M=4, 2x slower at M=8 (4096x4096)
+CPU_OP_FLOAT32_MAX_M = 4
 CPU_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu takes
 
 _scratch: dict[tuple, torch.Tensor] = {}
@@ -135,8 +138,8 @@ def cpu_int4_scales_and_zeros(w: Int4Weight, dtype: torch.dtype) -> tuple[torch.
 
 
 def _cpu_int4(x: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """bf16 activations are the fast case; float32 ones take the op's slow generic loop (~5x the
-    float32 dense time at M=1) but the same packed weight, exact to float32 rounding."""
+    """bf16 activations are the fast case; float32 ones take the op's generic loop (3-5x the
+    float32 dense time at M=1) with the same packed weight, exact to float32 rounding."""
     if not cpu_int4_supported(w):
         raise ValueError("cpu_int4 needs whole groups of 32-256 in order (no act-order) and out_features % 16 == 0")
     scales_and_zeros, size = cpu_int4_scales_and_zeros(w, x.dtype)
@@ -165,8 +168,9 @@ def choose_path(x: torch.Tensor, w: Int4Weight) -> str:
     m = x.shape[0]
     if x.is_cuda:
         return "triton" if m <= SMALL_M and triton_available() else "dequant"
-    if x.device.type == "cpu" and m <= CPU_OP_MAX_M and x.dtype == torch.bfloat16 and cpu_int4_supported(w):
-        return "cpu_int4"  # the op is fast only with bf16 activations (6x slower in float32)
+    max_m = {torch.bfloat16: CPU_OP_MAX_M, torch.float32: CPU_OP_FLOAT32_MAX_M}.get(x.dtype, 0)
+    if x.device.type == "cpu" and m <= max_m and cpu_int4_supported(w):
+        return "cpu_int4"
     return "dequant"
 
 

@@ -3,7 +3,7 @@ built from the test's own GPTQ-layout packer (tests/quant/test_pack.py):
 
     reference     y_ref = x.double() @ W64.T, W64 the float64 dequantized weight
     float32 paths (reference, dequant, cpu_int4, triton under TRITON_INTERPRET=1):
-                  ||y - y_ref|| / ||y_ref|| <= 1e-3
+                  ||y - y_ref|| / ||y_ref|| <= 1e-5
     cpu_int4      also with bf16 activations, its fast case: judged against the error of a bf16
                   dense matmul on the same inputs (err_int4 <= 1.5 * err_bf16_dense + 5e-4)
     backward      input gradient = autograd through x @ W.T with the float weight (<= 1e-5 in float32)
@@ -37,7 +37,7 @@ CASES = {
 }
 CPU_INT4_CASES = ("g64", "g128", "per_channel")  # contiguous groups the CPU op takes
 MS = (1, 7, 64)
-FLOAT32_TOL = 1e-3
+FLOAT32_TOL = 1e-5  # the issue asks 1e-3; float32 rounding gives ~3e-7, and a stray bf16 cast ~1e-3
 GRAD_TOL = 1e-5
 BF16_SLACK = 5e-4
 
@@ -106,15 +106,30 @@ def test_choose_path():
     assert choose_path(inputs(1, k, dtype=torch.bfloat16), w) == "cpu_int4"
     assert choose_path(inputs(256, k, dtype=torch.bfloat16), w) == "cpu_int4"
     assert choose_path(inputs(257, k, dtype=torch.bfloat16), w) == "dequant"
-    assert choose_path(inputs(1, k), w) == "dequant"  # float32 activations: the op is slow there
-    assert choose_path(inputs(64, k), w) == "dequant"
+    # float32 activations: the op's generic loop beats dequantizing only for a few rows
+    assert choose_path(inputs(1, k), w) == "cpu_int4"
+    assert choose_path(inputs(4, k), w) == "cpu_int4"
+    assert choose_path(inputs(5, k), w) == "dequant"
+    assert choose_path(inputs(1, k, dtype=torch.float16), w) == "dequant"
     wc, _ = layer("per_channel")
     assert choose_path(inputs(1, wc.in_features, dtype=torch.bfloat16), wc) == "cpu_int4"
     # the default path is the chosen one
     x = inputs(3, k, dtype=torch.bfloat16)
     assert torch.equal(int4_matmul(x, w), int4_matmul(x, w, path="cpu_int4"))
-    x = inputs(3, k)
+    x = inputs(5, k)
     assert torch.equal(int4_matmul(x, w), int4_matmul(x, w, path="dequant"))
+
+
+def test_cpu_int4_one_layer_in_float32_and_bf16():
+    """The op's packed weight is shared by both dtypes, its scales cached per dtype: alternating
+    dtypes on one layer gives each its own right answer."""
+    w, w64 = layer("g128")
+    x = inputs(1, w.in_features, seed=5)
+    ref = x.double() @ w64.t()
+    for dtype in (torch.float32, torch.bfloat16, torch.float32):
+        y = int4_matmul(x.to(dtype), w, path="cpu_int4")
+        assert y.dtype == dtype
+        assert rel(y, ref) <= (FLOAT32_TOL if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -142,7 +157,8 @@ def test_bf16_decode_with_out_features_not_multiple_of_16():
 
 
 @pytest.mark.parametrize("m", (1, 64))
-@pytest.mark.parametrize("name,path", FLOAT32_PATHS)
+@pytest.mark.parametrize("path", ["reference", "dequant"])  # every path's backward is the same
+@pytest.mark.parametrize("name", CASES)
 def test_input_gradient_float32(name, path, m):
     w, w64 = layer(name)
     x = inputs(m, w.in_features, seed=20 + m).requires_grad_()
@@ -321,3 +337,25 @@ def test_int4_linear_built_under_inference_mode_bf16_decode():
         y = lin(x)
     ref = x.double() @ w64.t()
     assert rel(y, ref) <= 1.5 * rel(x @ w64.to(torch.bfloat16).t(), ref) + BF16_SLACK
+
+
+def test_int4_linear_casts_and_moves_keep_the_gptq_tensors():
+    """model.to(bf16) / .half() / .float() leave qweight, qzeros, g_idx and the fp16 scales
+    bit-exact (casting the scales to bf16 and back, as the layer once did, rounds them to bf16's
+    8 bits); share_memory and to_empty reach the scales too; the product stays the same."""
+    layer, _, _ = int4_linear("g64", bias=False)  # a float bias is cast like any buffer
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = inputs(3, layer.in_features, seed=9)
+    y = layer(x)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float()):
+        cast(layer)
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            assert torch.equal(getattr(layer, name), before[name]) and getattr(layer, name).dtype == before[name].dtype
+    assert list(layer.state_dict()) == list(before)
+    assert torch.equal(layer(x), y)
+    layer.share_memory()
+    assert layer.scales.is_shared() and layer.qweight.is_shared()
+    with torch.device("meta"):
+        empty = Int4Linear(layer.in_features, layer.out_features, layer.scales.shape[0], 64)
+    empty.to_empty(device="cpu")
+    assert empty.scales.device.type == "cpu" and empty.scales.dtype == torch.float16
