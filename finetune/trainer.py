@@ -42,10 +42,14 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+def on_gpu(device) -> bool:
+    return str(device).startswith("cuda")
+
+
 def base_dtype(dtype: str, device) -> torch.dtype:
     """The config's dtype, with auto resolved for the device the model runs on."""
     if dtype == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        return torch.bfloat16 if on_gpu(device) else torch.float32
     return parse_dtype(dtype)
 
 
@@ -99,7 +103,7 @@ def train(cfg: TrainConfig) -> dict:
     # --- optimizer, schedule, precision ----------------------------------------------------------
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, cfg.min_lr_ratio))
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if str(device).startswith("cuda") else "fp32")
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu(device) else "fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     device_type = torch.device(device).type
 

@@ -25,7 +25,7 @@ from finetune.config import TrainConfig
 from finetune.data import DataConfig, load_examples
 from finetune.demo import FACTS
 from finetune.state import checkpoints, load_state
-from finetune.trainer import lr_factor, train
+from finetune.trainer import base_dtype, lr_factor, train
 from llama.checkpoint import load_model, read_model_args, save_checkpoint
 from llama.tiny import random_model
 from llama.tokenizer import Tokenizer
@@ -400,3 +400,9 @@ def test_auto_dtype_is_float32_on_cpu(base_ckpt, tmp_path, dtype, expected):
     files = sorted((tmp_path / "merged").glob("*.safetensors"))
     assert files
     assert {t.dtype for f in files for t in load_file(f).values()} == {expected}
+
+
+def test_base_dtype_resolves_auto_by_device():
+    assert base_dtype("auto", "cuda:1") == base_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert base_dtype("auto", torch.device("cpu")) == base_dtype("auto", "cpu") == torch.float32
+    assert base_dtype("float16", "cpu") == torch.float16
