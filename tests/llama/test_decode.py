@@ -373,11 +373,13 @@ def test_compiled_decode_matches_hf(pair):
     compiled = Llama(llama.model, llama.tokenizer, llama.max_seq_len, llama.max_batch_size, compile=True)
     torch._dynamo.reset()
     counters.clear()
-    with num_threads(2):
-        assert compiled.generate([PROMPTS[0]], max_gen_len=N_NEW, temperature=0)[0] == hf_greedy(hf, PROMPTS[0])
-        assert compiled.generate(PROMPTS, max_gen_len=N_NEW, temperature=0) == [hf_greedy(hf, p) for p in PROMPTS]
-    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
-    torch._dynamo.reset()
+    try:
+        with num_threads(2):
+            assert compiled.generate([PROMPTS[0]], max_gen_len=N_NEW, temperature=0)[0] == hf_greedy(hf, PROMPTS[0])
+            assert compiled.generate(PROMPTS, max_gen_len=N_NEW, temperature=0) == [hf_greedy(hf, p) for p in PROMPTS]
+        assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
 
 
 # --- last_only ------------------------------------------------------------------------------------
