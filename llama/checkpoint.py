@@ -319,10 +319,9 @@ def _meta_layout_index(files: list[Path], mp_rank: int, mp_size: int) -> dict:
     return index
 
 
-def iter_hf_names(ckpt_dir, key_of=None) -> Iterator[tuple[Path, object, str, str]]:
+def iter_hf_names(ckpt_dir, key_of=hf_to_meta_key) -> Iterator[tuple[Path, object, str, str]]:
     """(weight file, opened file, HF name, Meta key) for every tensor of an HF folder. key_of maps
-    an HF name to its key (default hf_to_meta_key; None for a name to skip or refuse)."""
-    key_of = key_of or hf_to_meta_key
+    an HF name to its key (None for a name to skip or refuse)."""
     for path in hf_weight_files(ckpt_dir):
         f = open_tensor_file(path)
         for name in f.keys():
