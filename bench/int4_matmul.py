@@ -11,12 +11,11 @@ mode to bench/results.jsonl.
 """
 import argparse
 import json
-import resource
 from typing import Optional
 
 import torch
 
-from common import append_row, gpu_ceilings, median, run_fresh  # puts the repo on sys.path
+from common import append_row, gpu_ceilings, median, peak_rss_bytes, run_fresh  # puts the repo on sys.path
 from common import timed as common_timed
 from quant.kernels import choose_path, int4_matmul
 from quant.pack import group_index, pack
@@ -106,23 +105,28 @@ def memory_child(device: str) -> None:
     first, so that the modules it imports and the library code it pages in (~0.15 GB, not the
     model's) are in the baseline."""
     cuda = device == "cuda"
+
+    def decode_step(model, seq_len: int) -> None:
+        with torch.inference_mode():
+            model.setup_caches(1, seq_len)
+            model(torch.zeros(1, 1, dtype=torch.long, device=device))
+
     tiny, _ = build_int4_7b(device, dict(dim=256, n_layers=1, n_heads=2, vocab_size=256))
-    with torch.inference_mode():
-        tiny.setup_caches(1, 8)
-        tiny(torch.zeros(1, 1, dtype=torch.long, device=device))
+    decode_step(tiny, 8)
     del tiny
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = peak_rss_bytes()
+
+    def peak() -> int:
+        return torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - before
+
     model, n_params = build_int4_7b(device)
-    built = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    built = peak()
     tensor_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    with torch.inference_mode():
-        model.setup_caches(1, 64)
-        model(torch.zeros(1, 1, dtype=torch.long, device=device))
-    ran = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    decode_step(model, 64)
     print(json.dumps({"n_params": n_params, "bf16_bytes": 2 * n_params, "tensor_bytes": tensor_bytes, "built_bytes": built,
-                      "after_decode_step_bytes": ran}))
+                      "after_decode_step_bytes": peak()}))
 
 
 def bench_memory(device: str) -> dict:
