@@ -50,8 +50,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         rows = max(1, LinearCrossEntropy.CHUNK_ELEMENTS // vocab)
         for start in range(0, hidden.shape[0], rows):
             chunk, t = grad[start:start + rows], targets[start:start + rows, None]
+            # the logits go where their gradient will: one [rows, vocab] temporary fewer
+            logits = torch.mm(hidden[start:start + rows], weight.t(), out=chunk if chunk.dtype == dtype else None)
             # log_softmax is one fused kernel; logsumexp and a subtraction took twice as long here
-            log_probs = torch.log_softmax((hidden[start:start + rows] @ weight.t()).float(), dim=-1)  # [rows, vocab]
+            log_probs = torch.log_softmax(logits.float(), dim=-1)  # [rows, vocab]
             loss -= log_probs.gather(1, t).sum()
             if chunk.dtype == log_probs.dtype:
                 torch.exp(log_probs, out=chunk)
