@@ -7,7 +7,8 @@ fine-tuning), each running a plain loop of forward, loss, backward and AdamW ste
 
 LoRA is r 8, alpha 16, no dropout, on q and v; full fine-tuning trains every weight. Both peers
 load one random float32 checkpoint (HF folder, seed 0) and train on the same random tokens.
-Ours is the trainer's own step (`finetune.adapters.attach`, `TaskModel`, the trainer's AdamW);
+Ours is the trainer's own step (`finetune.adapters.attach`, `TaskModel`, the trainer's AdamW and,
+on CPU, its malloc setting);
 HF's is `model(input_ids, labels=input_ids).loss` with torch.optim.AdamW. Each workload runs in a
 fresh process, so its peak resident memory (or peak CUDA memory) is its own: reported whole and
 above the process's memory once its libraries are imported. tokens/s = batch x seq / step time,
@@ -30,13 +31,15 @@ PEERS = {"lora": "hf+peft", "full": "hf"}
 def ours_step(ckpt: str, mode: str, dtype, device: str, tokens):
     from finetune.adapters import attach
     from finetune.config import TrainConfig
-    from finetune.trainer import make_optimizer
+    from finetune.trainer import keep_freed_memory, make_optimizer
     from llama.checkpoint import load_model, read_model_args
 
     cfg = TrainConfig(method=mode, lora_dropout=0.0, lora_targets=["wq", "wv"], lr=1e-4)
     model = load_model(ckpt, read_model_args(ckpt), dtype, device)
     task_model = attach(model, cfg, tokenizer=None).train()
     optimizer = make_optimizer([p for p in task_model.parameters() if p.requires_grad], cfg)
+    if device == "cpu":
+        keep_freed_memory()  # as the trainer does
 
     def step():
         loss, count, _ = task_model(tokens, tokens)
