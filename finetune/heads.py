@@ -29,8 +29,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     rows, keeping for backward only d(loss)/d(logits) = softmax - onehot [tokens, vocab].
 
     The plain path keeps the logits, their log-softmax and then their gradient (three tensors of
-    that size) and makes two more passes over them in backward; here each chunk's logits are a
-    temporary and backward is two matmuls."""
+    that size) and makes two more passes over them in backward; here the logits are written chunk
+    by chunk into the gradient's buffer and turned into the gradient there (through a float32
+    temporary per chunk when they are 16-bit), and backward is two matmuls."""
 
     CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in float32)
 
@@ -52,8 +53,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             chunk, t = grad[start:start + rows], targets[start:start + rows, None]
             # the logits go where their gradient will: one [rows, vocab] temporary fewer
             logits = torch.mm(hidden[start:start + rows], weight.t(), out=chunk if chunk.dtype == dtype else None)
-            # log_softmax is one fused kernel; logsumexp and a subtraction took twice as long here
-            log_probs = torch.log_softmax(logits.float(), dim=-1)  # [rows, vocab]
+            # log_softmax is one fused kernel; logsumexp and a subtraction took twice as long here.
+            # A float32 buffer takes it in place (each row is read before it is written): no
+            # [rows, vocab] temporary at all; 16-bit logits get a float32 one.
+            log_probs = torch.log_softmax(logits.float(), dim=-1, out=chunk if chunk.dtype == torch.float32 else None)
             loss -= log_probs.gather(1, t).sum()
             if chunk.dtype == log_probs.dtype:
                 torch.exp(log_probs, out=chunk)
