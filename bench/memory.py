@@ -12,16 +12,16 @@ bf16, 2.0 GiB) tensor by tensor: the writer holds one tensor at a time (at most 
 draw of the embedding). Every workload reads the same folder; it is removed at the end unless --keep.
 
 Each base is measured in a fresh process (`python bench/memory.py --worker KIND ...`, started by
-bench/common.run_fresh so its ru_maxrss is its own) that imports everything, notes its peak RSS (the
-baseline), then does what the trainer does (finetune/trainer.py, with TrainConfig's defaults and, on
-CPU, its malloc setting): quant/checkpoint.load_base (int4: round-to-nearest, group 128, and NF4:
-bitsandbytes, double quant, both quantized on load one block at a time), LoRA on the targets (r 8,
-alpha 16, dropout 0.05, q and v by default), the trainer's AdamW (make_optimizer) on the trainable
-parameters, and --steps steps (forward, summed LM loss through TaskModel divided by its token count,
-backward, optimizer step) on random tokens, batch 1, --seq long. It prints the peak (CPU: peak RSS
-minus the baseline; GPU: max_memory_allocated, which starts at 0), the same after load_base alone,
-the bytes of the model's parameters and buffers (NF4's quantization state, about 3% of its packed
-weights, is not among them), each step's loss (about ln 32000 = 10.4: a sanity check) and seconds.
+bench/common.run_fresh so its ru_maxrss is its own) that imports everything, notes its peak RSS
+(the baseline), then does what the trainer does (finetune/trainer.py, with TrainConfig's defaults):
+quant/checkpoint.load_base (int4: round-to-nearest, group 128, and NF4: bitsandbytes, double
+quant, both quantized on load one block at a time), LoRA on the targets (r 8, alpha 16, dropout
+0.05, q and v by default), the trainer's AdamW (make_optimizer) on the trainable parameters, and
+--steps steps (forward, summed LM loss through TaskModel divided by its token count, backward,
+optimizer step) on random tokens, batch 1, --seq long. It prints the peak (CPU: peak RSS minus
+the baseline; GPU: max_memory_allocated, which starts at 0), the same after load_base alone, the bytes of the model's
+parameters and buffers (NF4's quantization state, about 3% of its packed weights, is not among
+them), each step's loss (about ln 32000 = 10.4: a sanity check) and seconds.
 
 Precision follows the trainer's `auto`: float32 compute on CPU, bf16 autocast on GPU. So the
 embeddings, norms and output layer of the int4 and NF4 bases are float32 on CPU and bf16 on GPU.
@@ -120,7 +120,7 @@ def worker(kind: str, ckpt: str, device: str, seq: int, steps: int, targets: lis
     from finetune.config import TrainConfig
     from finetune.heads import TaskModel
     from finetune.lora import apply_lora
-    from finetune.trainer import keep_freed_memory, make_optimizer
+    from finetune.trainer import make_optimizer
     from llama.checkpoint import read_model_args
     from quant.checkpoint import load_base
 
@@ -145,8 +145,6 @@ def worker(kind: str, ckpt: str, device: str, seq: int, steps: int, targets: lis
     task_model = TaskModel(model, "pt").train()
     params = [p for p in task_model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
-    if not cuda:
-        keep_freed_memory()  # as the trainer does
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     tokens = torch.randint(0, SHAPE.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0)).to(device)
     losses, seconds, peaks = [], [], []

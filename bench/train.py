@@ -4,19 +4,16 @@ fine-tuning), each running a plain loop of forward, loss, backward and AdamW ste
     python bench/train.py                          # CPU, float32, seq 256, batch 2, 5 timed steps
     python bench/train.py --device cuda --dtype bfloat16 --modes lora --seq 1024 --batch 8
     python bench/train.py --modes lora --runs 9
-    python bench/train.py --peer-malloc             # the peers with ours' malloc setting too
 
-LoRA is r 8, alpha 16, no dropout, on q and v; full fine-tuning trains every weight. Both peers load
-one random float32 checkpoint (HF folder, seed 0) and train on the same random tokens. Ours is the
-trainer's own step (`finetune.adapters.attach`, `TaskModel`, the trainer's AdamW and, on CPU, its
-malloc setting: glibc keeps freed blocks for reuse); HF's is `model(input_ids,
-labels=input_ids).loss` with torch.optim.AdamW. Each workload runs in a fresh process, so its peak
-resident memory (or peak CUDA memory) is its own: reported whole and above the process's memory once
-its libraries are imported. tokens/s = batch x seq / step time, median over --rounds processes (ours
-and the peer alternating) of --runs steps each after 2 warm-up steps; the step-0 losses of the two
-peers are compared as a check that both train the same model. Appends one row to
-bench/results.jsonl. --peer-malloc gives the peers the same malloc setting, to show how much of a
-ratio it carries.
+LoRA is r 8, alpha 16, no dropout, on q and v; full fine-tuning trains every weight. Both peers
+load one random float32 checkpoint (HF folder, seed 0) and train on the same random tokens.
+Ours is the trainer's own step (`finetune.adapters.attach`, `TaskModel`, the trainer's AdamW);
+HF's is `model(input_ids, labels=input_ids).loss` with torch.optim.AdamW. Each workload runs in a
+fresh process, so its peak resident memory (or peak CUDA memory) is its own: reported whole and
+above the process's memory once its libraries are imported. tokens/s = batch x seq / step time,
+median over --rounds processes (ours and the peer alternating) of --runs steps each after 2
+warm-up steps; the step-0 losses of the two peers are compared as
+a check that both train the same model. Appends one row to bench/results.jsonl.
 """
 import argparse
 import json
@@ -33,15 +30,13 @@ PEERS = {"lora": "hf+peft", "full": "hf"}
 def ours_step(ckpt: str, mode: str, dtype, device: str, tokens):
     from finetune.adapters import attach
     from finetune.config import TrainConfig
-    from finetune.trainer import keep_freed_memory, make_optimizer
+    from finetune.trainer import make_optimizer
     from llama.checkpoint import load_model, read_model_args
 
     cfg = TrainConfig(method=mode, lora_dropout=0.0, lora_targets=["wq", "wv"], lr=1e-4)
     model = load_model(ckpt, read_model_args(ckpt), dtype, device)
     task_model = attach(model, cfg, tokenizer=None).train()
     optimizer = make_optimizer([p for p in task_model.parameters() if p.requires_grad], cfg)
-    if device == "cpu":
-        keep_freed_memory()  # as the trainer does
 
     def step():
         loss, count, _ = task_model(tokens, tokens)
@@ -84,10 +79,6 @@ def worker(a) -> None:
         import peft, transformers  # noqa: F401,E401  (imported before the baseline: libraries aren't the workload)
     baseline = peak_rss_bytes()
     step = build(a.ckpt, a.mode, dtype, a.device, tokens)
-    if a.worker != "ours" and a.peer_malloc and not cuda:
-        from finetune.trainer import keep_freed_memory
-
-        keep_freed_memory()
     losses = []
     times = timed(lambda: losses.append(step()), a.runs, warmup=2, sync=torch.cuda.synchronize if cuda else lambda: None)
     peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()
@@ -106,9 +97,6 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5, help="timed steps per workload; the median counts (default 5)")
     p.add_argument("--rounds", type=int, default=2,
                    help="fresh processes per workload, ours and the peer alternating; their steps are pooled (default 2)")
-    p.add_argument("--peer-malloc", action="store_true",
-                   help="CPU: give the peers ours' malloc setting too (finetune.trainer.keep_freed_memory); "
-                        "by default they run with glibc's defaults, as installed")
     p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -119,7 +107,7 @@ def main() -> None:
         p.error("full fine-tuning compares float32 only (ours keeps float32 weights to train); use --modes lora")
 
     common_args = ["--device", a.device, "--dtype", a.dtype, "--seq", str(a.seq), "--batch", str(a.batch),
-                   "--runs", str(a.runs), *(["--peer-malloc"] if a.peer_malloc else [])]
+                   "--runs", str(a.runs)]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = str(write_hf_checkpoint(Path(tmp)))
@@ -136,8 +124,7 @@ def main() -> None:
 
     gib = 2 ** 30
     print(f"bench-58M training, batch {a.batch} x seq {a.seq}, {a.dtype}, {a.device}, "
-          f"{torch.get_num_threads()} threads, median of {a.runs} steps x {a.rounds} rounds"
-          + (", peers with ours' malloc setting" if a.peer_malloc else ""))
+          f"{torch.get_num_threads()} threads, median of {a.runs} steps x {a.rounds} rounds")
     summary = {}
     for mode in a.modes:
         ours, peer = results[f"{mode} ours"], results[f"{mode} {PEERS[mode]}"]
@@ -152,7 +139,7 @@ def main() -> None:
               f"ratio {row['ratio']:.2f}x   peak above baseline: ours {row['ours_peak_above_baseline_gib']:.2f} GiB, "
               f"{PEERS[mode]} {row['peer_peak_above_baseline_gib']:.2f} GiB   step-0 loss {row['step0_loss']}")
     result = {"workload": "bench-58M", "shape": BENCH_58M, "dtype": a.dtype, "batch": a.batch, "seq": a.seq,
-              "runs": a.runs, "rounds": a.rounds, "peer_malloc": a.peer_malloc, "summary": summary, "raw": results}
+              "runs": a.runs, "rounds": a.rounds, "summary": summary, "raw": results}
     if a.device == "cuda":
         result["ceilings"] = gpu_ceilings()
         print("  ceilings:", result["ceilings"])

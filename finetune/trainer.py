@@ -10,7 +10,6 @@ micro-batches and data-parallel ranks, so N processes with batch b follow the sa
 one process with batch N*b, and gradient accumulation changes nothing but memory.
 """
 import contextlib
-import ctypes
 import json
 import math
 import sys
@@ -37,9 +36,6 @@ from finetune.evaluate import all_reduce_sum, eval_metrics, exact_match
 from finetune.plot import plot_losses
 from finetune.state import checkpoints, load_state, save_state
 from quant.checkpoint import load_base
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 class TrainingDiverged(RuntimeError):
@@ -110,8 +106,6 @@ def train(cfg: TrainConfig) -> dict:
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu(device) else "fp32")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     device_type = torch.device(device).type
-    if device_type == "cpu":
-        keep_freed_memory()
 
     def autocast():
         return torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
@@ -239,18 +233,6 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0:
         plot_losses(out_dir / "loss.png", *read_losses(metrics_path))
     return results
-
-
-def keep_freed_memory() -> None:
-    """Make glibc keep freed memory for reuse instead of handing it back to the OS. By default
-    each allocation above 32 MiB is its own mmap, unmapped on free, so every CPU training step's
-    [tokens, vocab] loss buffers arrive as fresh pages that the kernel faults in and zeroes: about
-    15% of a bench-58M LoRA step. What PyTorch's CPU tuning guide gets from jemalloc or tcmalloc;
-    a no-op where there is no mallopt."""
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform == "linux" else None
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, 1 << 30)  # only allocations of 1 GiB and more get their own mmap
-        mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # and free space at the heap's top stays (int max)
 
 
 def make_optimizer(params: list, cfg: TrainConfig) -> torch.optim.AdamW:

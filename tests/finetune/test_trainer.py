@@ -5,8 +5,6 @@ metrics.jsonl, loss.png, the exported adapter and the merged checkpoint."""
 import json
 import math
 import os
-import platform
-import resource
 import shutil
 import signal
 import struct
@@ -408,34 +406,3 @@ def test_base_dtype_resolves_auto_by_device():
     assert base_dtype("auto", "cuda:1") == base_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     assert base_dtype("auto", torch.device("cpu")) == base_dtype("auto", "cpu") == torch.float32
     assert base_dtype("float16", "cpu") == torch.float16
-
-
-FRESH_PAGES_OF_A_REALLOCATION = """
-import resource, sys, torch
-from finetune.trainer import keep_freed_memory
-
-def faults_of_a_reallocation():
-    torch.ones(2**24)  # 64 MiB, freed at once
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(2**24)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-default = faults_of_a_reallocation()
-keep_freed_memory()
-faults_of_a_reallocation()  # the first block the heap hands back, kept from now on
-print(default, faults_of_a_reallocation())
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the setting is glibc's mallopt")
-def test_keep_freed_memory_reuses_a_freed_block():
-    """With glibc's defaults a freed 64 MiB block goes back to the OS and its next allocation
-    faults in all 16384 pages again; after keep_freed_memory (the trainer's CPU setting) it is
-    reused with none. Run in a fresh process: the setting is process-wide."""
-    out = subprocess.run([sys.executable, "-c", FRESH_PAGES_OF_A_REALLOCATION], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
-    default, kept = map(int, out.split())
-    pages = 2**26 // resource.getpagesize()
-    if default < pages // 2:
-        pytest.skip(f"this allocator reuses the block by itself ({default} faults)")
-    assert kept < pages // 100, (default, kept)
