@@ -33,7 +33,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     by chunk into the gradient's buffer and turned into the gradient there (through a float32
     temporary per chunk when they are 16-bit), and backward is two matmuls."""
 
-    CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in float32)
+    CHUNK_ELEMENTS = 1 << 24  # logits per chunk: bounds 16-bit logits' float32 temporary (64 MiB)
 
     @staticmethod
     def forward(ctx, hidden, weight, targets):
