@@ -30,8 +30,8 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     The plain path keeps the logits, their log-softmax and then their gradient (three tensors of
     that size) and makes two more passes over them in backward; here the logits are written chunk
-    by chunk into the gradient's buffer and turned into the gradient there (through a float32
-    temporary per chunk when they are 16-bit), and backward is two matmuls."""
+    by chunk into the gradient's buffer and turned into the gradient there (through float32
+    temporaries per chunk when they are 16-bit), and backward is two matmuls."""
 
     CHUNK_ELEMENTS = 1 << 24  # logits per chunk: bounds 16-bit logits' float32 temporary (64 MiB)
 
@@ -62,7 +62,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 torch.exp(log_probs, out=chunk)
             else:
                 chunk.copy_(log_probs.exp_())
-            chunk.scatter_add_(1, t, chunk.new_full(t.shape, -1.0))
+            # - onehot; scatter_add_ would take a float32 copy of a 16-bit chunk on CPU
+            chunk[torch.arange(len(t), device=chunk.device), t[:, 0]] -= 1
         ctx.save_for_backward(hidden, weight, grad)
         return loss
 

@@ -351,3 +351,17 @@ def test_without_grad_no_gradient_buffer_is_built():
     ref_loss, ref_count, *_ = reference(hidden, weight, labels)
     assert loss.grad_fn is None and count == ref_count
     assert abs(loss.item() - ref_loss.item()) <= TOL * abs(ref_loss.item())
+
+
+def test_float32_forward_allocates_one_logits_sized_buffer():
+    """Float32 logits are written into the gradient's buffer and turned into softmax - onehot
+    there: the only [tokens, vocab] allocation of the forward is that buffer."""
+    hidden, weight, labels = make_inputs(seed=17, vocab=4099)
+    targets = labels[:, 1:].flatten()
+    keep = targets != -100
+    rows = hidden[:, :-1].flatten(0, 1)[keep]
+    with torch.profiler.profile(profile_memory=True) as prof:
+        LinearCrossEntropy.apply(rows, weight, targets[keep])
+    allocated = [(e.name, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage > 0]
+    logits_bytes = rows.shape[0] * weight.shape[0] * 4
+    assert [b for _, b in allocated if b >= logits_bytes] == [logits_bytes], allocated
