@@ -91,10 +91,24 @@ def gpu_ceilings() -> dict:
             "bf16_matmul_tflops": round(2 * 8192 ** 3 / t_mm / 1e12, 1)}
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the vector extensions that change our figures, from /proc/cpuinfo
+    (Linux): e.g. 'AMD EPYC: avx2 avx512f avx512_bf16'. bf16 matmuls, for one, are ~10x slower
+    without avx512_bf16 or amx_bf16."""
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        return platform.processor() or "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    found = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model}: {' '.join(found)}" if found else model
+
+
 def append_row(bench: str, result: dict, script: str, device: str = "cpu") -> dict:
     """Append one JSON row (what ran, where, and the result) to bench/results.jsonl."""
     row = {"bench": bench, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "device": device,
-           "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, **result,
+           "cpu": cpu_description(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, **result,
            "cmd": " ".join(["python", script, *sys.argv[1:]])}
     with open(RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")
