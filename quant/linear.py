@@ -117,6 +117,11 @@ class NF4Linear(nn.Module):
         self.in_features, self.out_features, self.tensor_parallel = in_features, out_features, tensor_parallel
         self.inner = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=compute_dtype,
                                        compress_statistics=True, quant_type="nf4", device="meta")
+        # On a CPU with AVX512-BF16, bitsandbytes repacks the weight in place for its bf16 kernel on
+        # the first no-grad forward and keeps it so: training after an evaluation then runs on the
+        # repacked weight (different numerics; a tensor-parallel step fails in its all-reduce) and
+        # dequantized_weight would read the repacked bytes. One layout, the one we quantized to.
+        self.inner.support_avx512bf16_for_cpu = False
         self.inner.weight = bnb.nn.Params4bit(weight.detach().to("cpu", torch.float32), requires_grad=False,
                                               quant_type="nf4", compress_statistics=True)
         self.inner.to(device or weight.device)  # quantizes on the move

@@ -143,6 +143,27 @@ def test_lora_on_nf4_matches_lora_on_its_dequantized_weight(shape):
     assert_same_step(got, want, torch.randn(*shape, generator=torch.Generator().manual_seed(5)), tol=1e-5)
 
 
+def test_nf4_weight_keeps_its_layout_through_an_evaluation(monkeypatch):
+    """bitsandbytes, where it detects AVX512-BF16, repacks a Linear4bit's weight in place on its
+    first no-grad forward in eval mode and keeps it repacked. NF4Linear opts out: after an
+    evaluation the packed bytes, the forward and training are what they were. The detection is
+    forced on, so this holds on CPUs without AVX512-BF16 too."""
+    import bitsandbytes.nn.modules
+
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: True)
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(6)) * 0.05
+    base = NF4Linear(w)
+    packed = base.inner.weight.data.clone()
+    reference = nf4_reference(base)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        evaluated = base.eval()(x)
+    assert torch.equal(base.inner.weight.data, packed)
+    torch.testing.assert_close(evaluated, x @ reference.t(), rtol=1e-5, atol=1e-5)
+    got, want = twin_lora(base.train(), float_linear(reference))
+    assert_same_step(got, want, x, tol=1e-5)
+
+
 # --- a whole model -----------------------------------------------------------------------------
 
 
