@@ -96,11 +96,11 @@ def cpu_description() -> str:
     (Linux): e.g. 'AMD EPYC: avx2 avx512f avx512_bf16'. bf16 matmuls, for one, are ~10x slower
     without avx512_bf16 or amx_bf16."""
     try:
-        info = open("/proc/cpuinfo").read()
+        lines = open("/proc/cpuinfo").read().splitlines()
     except OSError:
         return platform.processor() or "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
-    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
     found = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
     return f"{model}: {' '.join(found)}" if found else model
 
