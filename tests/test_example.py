@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llama.tiny import random_model
-from tests.conftest import ROOT, tiny_args
+from tests.utils import ROOT, tiny_args
 
 PROMPTS = ["The red cat", "What is 12 plus 30? The answer", "hi"]
 COLUMN, ROW = ("wq", "wk", "wv", "w1", "w3", "output"), ("wo", "w2", "tok_embeddings")

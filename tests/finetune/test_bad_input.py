@@ -20,7 +20,7 @@ from finetune.state import load_state
 from llama.checkpoint import load_model, read_model_args, save_checkpoint
 from llama.tiny import random_model
 from llama.tokenizer import Tokenizer
-from tests.conftest import tiny_args
+from tests.utils import tiny_args
 
 
 @pytest.fixture(scope="module")

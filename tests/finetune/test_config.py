@@ -10,7 +10,7 @@ import pytest
 
 from finetune.config import TrainConfig, load_config, read_toml
 from llama.errors import LlamaInputError
-from tests.conftest import ROOT
+from tests.utils import ROOT
 
 KEYS = [f.name for f in dataclasses.fields(TrainConfig)]
 

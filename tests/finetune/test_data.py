@@ -13,7 +13,7 @@ from finetune.data import IGNORE, DataConfig, Example, collate, load_examples, p
 from finetune.heads import TaskModel
 from llama.tiny import corpus, random_model
 from llama.tokenizer import Tokenizer
-from tests.conftest import tiny_args
+from tests.utils import tiny_args
 
 # --- the reference formats, written out by hand ----------------------------------------------
 

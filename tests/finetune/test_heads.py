@@ -12,7 +12,7 @@ from finetune.heads import LinearCrossEntropy, TaskModel, lm_loss_sum
 from finetune.prompt_tuning import PromptTuning
 from llama.model import Transformer
 from llama.parallel import Linear
-from tests.conftest import tiny_args
+from tests.utils import tiny_args
 
 TOL = 1e-5  # float32 against float64, relative to the largest value compared
 # bfloat16 hidden/weight: the logits and the stored softmax - onehot are rounded to bf16 (8 bits of

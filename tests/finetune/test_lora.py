@@ -1,9 +1,10 @@
 """finetune.lora and the LoRA side of finetune.adapters against PEFT (a test-only reference).
 
-PEFT runs on HF's LlamaForCausalLM; ours on our Transformer with the same weights, converted in
-this file (q/k rows go from Meta's interleaved RoPE layout to HF's half rotation per head, as
-REFERENCE.md states). Adapter A/B values are copied from PEFT into ours, so outputs and
-gradients must agree; the export test goes the other way (our saved folder into PEFT).
+PEFT runs on HF's LlamaForCausalLM; ours on our Transformer with the same weights, converted by
+the tests' own converter in tests/utils.py (q/k rows go from Meta's interleaved RoPE layout to
+HF's half rotation per head, as REFERENCE.md states). Adapter A/B values are copied from PEFT
+into ours, so outputs and gradients must agree; the export test goes the other way (our saved
+folder into PEFT).
 """
 import json
 import math
@@ -16,7 +17,6 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from finetune.adapters import attach, load_adapter, merged_state_dict, save_adapter  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
@@ -24,73 +24,16 @@ from finetune.lora import LoRALinear, apply_lora, lora_layers, resolve_targets, 
 from llama.errors import LlamaInputError  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
-from tests.conftest import HF_LAYER_NAMES, hf_to_meta_rows, meta_to_hf_rows, tiny_args  # noqa: E402
+from tests.utils import (  # noqa: E402
+    ALL_HF, hf_from_ours, hf_state_from_ours, hf_to_meta_rows, make_ours, peft_module_name, rope_heads, tiny_args,
+)
 
-HF_NAME = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-           "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-ALL_HF = list(HF_NAME.values())
 TOL_LAYER = 1e-5  # one linear layer, float32, absolute
 TOL_MODEL = 1e-5  # whole model, float32, relative to the largest value compared
 TOL_LOGITS = 1e-4  # ours vs HF/PEFT logits, absolute (logits are O(1))
 
 
-# --- the test's own reference helpers (shared with the other finetune test files) ---------------
-
-
-
-
-
-
-def init_weights(model: Transformer, seed: int = 0) -> Transformer:
-    """Weights that make the logits O(1), so differences show (random_model's 0.02 would not)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            elif "tok_embeddings" in name:
-                p.copy_(torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
-    return model
-
-
-def make_ours(args, seed: int = 0) -> Transformer:
-    return init_weights(Transformer(args), seed).eval()
-
-
-def hf_state_from_ours(state: dict, args) -> dict:
-    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
-           "lm_head.weight": state["output.weight"]}
-    rope_heads = {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}
-    for i in range(args.n_layers):
-        for ours, hf in HF_LAYER_NAMES.items():
-            w = state[f"layers.{i}.{ours}.weight"]
-            out[f"model.layers.{i}.{hf}.weight"] = meta_to_hf_rows(w, rope_heads[ours]) if ours in rope_heads else w
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
-
-
-def hf_from_ours(model: Transformer) -> LlamaForCausalLM:
-    """An HF LlamaForCausalLM computing what `model` (a plain Transformer) computes."""
-    a = model.args
-    cfg = LlamaConfig(hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim, num_hidden_layers=a.n_layers,
-                      num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size,
-                      rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=256,
-                      tie_word_embeddings=False, attn_implementation="eager")
-    hf = LlamaForCausalLM(cfg).float()
-    hf.load_state_dict(hf_state_from_ours(model.state_dict(), a), strict=True)
-    return hf.eval()
-
-
-def peft_module_name(path: str) -> str:
-    """Our layers.{i}.attention.wq -> PEFT's base_model.model.model.layers.{i}.self_attn.q_proj."""
-    _, i, block, name = path.split(".")
-    sub = "self_attn" if block == "attention" else "mlp"
-    return f"base_model.model.model.layers.{i}.{sub}.{HF_NAME[name]}"
-
-
-def rope_heads(name: str, args):
-    return {"wq": args.n_heads, "wk": args.n_kv_heads}.get(name)
+# --- the test's own reference helpers (the shared ones are in tests/utils.py) ---------------------
 
 
 def copy_peft_lora_into_ours(peft_model, ours: nn.Module, args) -> None:

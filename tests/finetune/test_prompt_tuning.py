@@ -14,8 +14,7 @@ from finetune.prompt_tuning import PromptTuning, init_prompt
 from llama.errors import LlamaInputError
 from llama.generation import Llama
 from llama.tokenizer import Tokenizer
-from tests.conftest import tiny_args
-from tests.finetune.test_lora import hf_from_ours, make_ours
+from tests.utils import hf_from_ours, make_ours, tiny_args
 
 P = 5  # virtual tokens
 TOL = 1e-5  # our own paths against each other, float32

@@ -17,7 +17,7 @@ from finetune.demo import FACTS
 from finetune.trainer import train
 from llama.tiny import random_model
 from llama.checkpoint import save_checkpoint
-from tests.conftest import ROOT, metrics_by_step as metrics, tiny_args
+from tests.utils import ROOT, metrics_by_step as metrics, tiny_args
 
 DEMO_TRAIN, DEMO_EVAL = ROOT / "data" / "demo" / "train.jsonl", ROOT / "data" / "demo" / "eval.jsonl"
 COLUMN, ROW = ("wq", "wk", "wv", "w1", "w3", "output"), ("wo", "w2", "tok_embeddings")  # fairscale layout

@@ -15,23 +15,20 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import finetune.state
 import finetune.trainer
 from finetune.adapters import attach, load_adapter
 from finetune.config import TrainConfig
-from finetune.data import DataConfig, load_examples
 from finetune.demo import FACTS
 from finetune.state import checkpoints, load_state
 from finetune.trainer import base_dtype, lr_factor, train
 from llama.checkpoint import load_model, read_model_args, save_checkpoint
 from llama.tiny import random_model
 from llama.tokenizer import Tokenizer
-from tests.conftest import ROOT, tiny_args
+from tests.utils import DEMO_EVAL, DEMO_TRAIN, ROOT, eval_loss_of, tiny_args, trainer_config
 
-DEMO_TRAIN, DEMO_EVAL = ROOT / "data" / "demo" / "train.jsonl", ROOT / "data" / "demo" / "eval.jsonl"
 METRIC_KEYS = ("loss", "lr", "grad_norm", "epoch", "eval_loss", "eval_ppl", "eval_accuracy")
 
 
@@ -42,16 +39,6 @@ def base_ckpt(tmp_path_factory, tokenizer_path):
     save_checkpoint(random_model(tiny_args(), seed=0), out)
     shutil.copy(tokenizer_path, out / "tokenizer.model")
     return out
-
-
-def config(ckpt, out_dir, **kw) -> TrainConfig:
-    """Small sft LoRA defaults on the bundled demo data; the plain template keeps rows ~25 tokens."""
-    base = dict(ckpt_dir=str(ckpt), dtype="float32", device="cpu", method="lora", task="sft",
-                train_file=str(DEMO_TRAIN), eval_file=str(DEMO_EVAL), template="plain", cutoff_len=64,
-                out_dir=str(out_dir), seed=0, micro_batch_size=8, max_steps=30, lr=3e-3, warmup_steps=0,
-                lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets=["all-linear"], num_virtual_tokens=8,
-                train_layers=1, eval_every=0, save_every=0, exact_match_samples=0)
-    return TrainConfig(**{**base, **kw}).check()
 
 
 def read_metrics(out_dir) -> list[dict]:
@@ -118,8 +105,8 @@ def test_each_method_and_task_lowers_eval_loss(base_ckpt, tmp_path, method, task
         train_file, eval_file = labelled_files(tmp_path, task)
         kw.update(train_file=str(train_file), eval_file=str(eval_file))
     # lr 0: one step that changes nothing, so its final eval is the untrained model's
-    before = train(config(base_ckpt, tmp_path / "before", max_steps=1, lr=0.0, **kw))
-    after = train(config(base_ckpt, tmp_path / "after", max_steps=40, lr=lr, **kw))
+    before = train(trainer_config(base_ckpt, tmp_path / "before", max_steps=1, lr=0.0, **kw))
+    after = train(trainer_config(base_ckpt, tmp_path / "after", max_steps=40, lr=lr, **kw))
     assert after["eval_loss"] < bound(before["eval_loss"]), (before, after)
     losses = [r["loss"] for r in read_metrics(tmp_path / "after") if "loss" in r]
     assert sum(losses[-5:]) < sum(losses[:5]), losses  # the training loss falls too
@@ -133,22 +120,6 @@ def reference_eval_loss(ckpt) -> float:
     return eval_loss_of(load_model(ckpt, read_model_args(ckpt)), ckpt)
 
 
-def eval_loss_of(model, ckpt) -> float:
-    """Mean next-token cross-entropy of model over the eval answers, one unpadded example at a time."""
-    tokenizer = Tokenizer(str(ckpt / "tokenizer.model"))
-    examples, _ = load_examples(DEMO_EVAL, tokenizer, DataConfig("sft", "plain", cutoff_len=64))
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for ex in examples:
-            logits = model(torch.tensor([ex.ids]))[0]
-            labels = torch.tensor(ex.labels)
-            # the answer (prompt_len..) is the target; the prompt is masked
-            assert (labels[: ex.prompt_len] == -100).all() and (labels[ex.prompt_len:] != -100).all()
-            total += F.cross_entropy(logits[:-1], labels[1:], ignore_index=-100, reduction="sum").item()
-            count += int((labels[1:] != -100).sum())
-    return total / count
-
-
 # --- (b) resume replays the uninterrupted run -------------------------------------------------
 
 RESUME = dict(max_steps=8, save_every=2, eval_every=2, keep_last=2, lora_dropout=0.1, shuffle=True,
@@ -159,7 +130,7 @@ RESUME = dict(max_steps=8, save_every=2, eval_every=2, keep_last=2, lora_dropout
 def reference_run(base_ckpt, tmp_path_factory):
     """The uninterrupted in-process run the resume tests compare with (also checked in (d))."""
     out = tmp_path_factory.mktemp("reference")
-    results = train(config(base_ckpt, out, **RESUME))
+    results = train(trainer_config(base_ckpt, out, **RESUME))
     return out, results
 
 
@@ -184,7 +155,7 @@ def interrupt_at(monkeypatch, step: int) -> None:
 def test_interrupted_run_resumes_identically(base_ckpt, reference_run, tmp_path, monkeypatch):
     ref_dir, ref_results = reference_run
     out = tmp_path / "run"
-    cfg = config(base_ckpt, out, **RESUME)
+    cfg = trainer_config(base_ckpt, out, **RESUME)
     interrupt_at(monkeypatch, 6)  # steps 1-5 done and logged; the last checkpoint is step 4
     with pytest.raises(Interrupt):
         train(cfg)
@@ -204,7 +175,7 @@ def test_resume_from_a_failed_checkpoint_write(base_ckpt, reference_run, tmp_pat
     folder is never taken for a checkpoint, and the resumed run ends as the uninterrupted one."""
     ref_dir, ref_results = reference_run
     out = tmp_path / "run"
-    cfg = config(base_ckpt, out, **RESUME)
+    cfg = trainer_config(base_ckpt, out, **RESUME)
     calls = {"n": 0}
     real = finetune.state.save_safetensors
 
@@ -343,7 +314,7 @@ def test_outputs_of_a_run(base_ckpt, reference_run):
 def test_metrics_cut_back_on_resume(base_ckpt, tmp_path):
     """Lines logged after the checkpoint a run resumes from are dropped, then logged again once."""
     out = tmp_path / "run"
-    cfg = config(base_ckpt, out, max_steps=4, save_every=2, micro_batch_size=4)
+    cfg = trainer_config(base_ckpt, out, max_steps=4, save_every=2, micro_batch_size=4)
     train(cfg)
     lines = read_metrics(out)
     # a run killed after logging step 5 of a longer schedule, with its last checkpoint at step 4,
@@ -379,15 +350,16 @@ def test_embedded_demo_and_example_with_its_adapter(tmp_path):
 def test_freeze_on_a_16_bit_base_without_autocast(base_ckpt, tmp_path, dtype):
     """freeze trains float32 blocks between 16-bit frozen ones (and a 16-bit output layer) in plain
     fp32 precision: the dtypes must meet without autocast."""
-    result = train(config(base_ckpt, tmp_path, method="freeze", dtype=dtype, precision="fp32", max_steps=10, lr=1e-2))
+    result = train(trainer_config(base_ckpt, tmp_path, method="freeze", dtype=dtype, precision="fp32", max_steps=10,
+                                  lr=1e-2))
     losses = [r["loss"] for r in read_metrics(tmp_path) if "loss" in r]
     assert all(math.isfinite(x) for x in losses) and math.isfinite(result["eval_loss"])
     assert losses[-1] < losses[0]
 
 
 def test_resuming_a_finished_run_reports_its_eval(base_ckpt, tmp_path):
-    first = train(config(base_ckpt, tmp_path, max_steps=4, save_every=2))
-    again = train(config(base_ckpt, tmp_path, max_steps=4, save_every=2))
+    first = train(trainer_config(base_ckpt, tmp_path, max_steps=4, save_every=2))
+    again = train(trainer_config(base_ckpt, tmp_path, max_steps=4, save_every=2))
     assert again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
 
 
@@ -396,7 +368,7 @@ def test_auto_dtype_is_float32_on_cpu(base_ckpt, tmp_path, dtype, expected):
     """dtype auto (the default) keeps a CPU base in float32, where 16-bit matmuls are ~10x slower;
     the merged checkpoint is written in the base's dtype, which shows what was loaded."""
     assert TrainConfig().dtype == "auto"
-    train(config(base_ckpt, tmp_path, dtype=dtype, merge=True, max_steps=1, lora_targets=["wq", "wv"]))
+    train(trainer_config(base_ckpt, tmp_path, dtype=dtype, merge=True, max_steps=1, lora_targets=["wq", "wv"]))
     files = sorted((tmp_path / "merged").glob("*.safetensors"))
     assert files
     assert {t.dtype for f in files for t in load_file(f).values()} == {expected}

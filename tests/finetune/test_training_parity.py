@@ -18,14 +18,14 @@ from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 from finetune.adapters import attach  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
 from finetune.data import DataConfig, load_examples  # noqa: E402
+from finetune.lora import lora_layers  # noqa: E402
 from finetune.trainer import train  # noqa: E402
 from llama.checkpoint import save_checkpoint  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
-from tests.conftest import tiny_args  # noqa: E402
-from finetune.lora import lora_layers  # noqa: E402
-from tests.conftest import meta_to_hf_rows  # noqa: E402
-from tests.finetune.test_lora import ALL_HF, hf_from_ours, make_ours, peft_module_name, rope_heads  # noqa: E402
+from tests.utils import (  # noqa: E402
+    ALL_HF, hf_from_ours, make_ours, meta_to_hf_rows, peft_module_name, rope_heads, tiny_args,
+)
 
 N_ROWS, STEPS, MICRO, ACCUM, WARMUP, LR, SEED = 40, 20, 4, 2, 3, 5e-3, 7
 TOL_CURVE = 1e-3  # trainer vs the plain PEFT loop (issue acceptance)

@@ -21,7 +21,7 @@ from llama.errors import LlamaInputError
 from llama.generation import Llama
 from llama.tiny import random_model
 from llama.tokenizer import Tokenizer
-from tests.conftest import ROOT, tiny_args
+from tests.utils import ROOT, tiny_args
 
 ST = "consolidated.00.safetensors"
 PTH = "consolidated.00.pth"

@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from llama.checkpoint import detect_format, load_model, read_model_args, save_checkpoint  # noqa: E402
 from llama.errors import LlamaInputError  # noqa: E402
-from tests.conftest import meta_to_hf_rows  # noqa: E402
+from tests.utils import meta_to_hf_rows  # noqa: E402
 
 DIM, N_LAYERS, N_HEADS, N_KV_HEADS, VOCAB = 64, 2, 4, 2, 384
 MULTIPLE_OF, HIDDEN = 32, 192  # Meta's rule: int(2 * 4 * 64 / 3) = 170, rounded up to 32 -> 192

@@ -20,9 +20,8 @@ from llama.generation import Llama  # noqa: E402
 from llama.model import Transformer, apply_rope, attention_mask  # noqa: E402
 from llama.parallel import Linear, column_linear, linear, row_linear  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
-from tests.conftest import tiny_args  # noqa: E402
-from tests.llama.test_model import (  # noqa: E402
-    CASES, TOL_CACHE, VOCAB, build_hf_model, load_ours, max_diff, random_tokens, write_meta_checkpoint,
+from tests.utils import (  # noqa: E402
+    CASES, TOL_CACHE, VOCAB, build_hf_model, load_ours, max_diff, random_tokens, tiny_args, write_meta_checkpoint,
 )
 
 TOL_LINEAR = 1e-6  # relative error of the float32 product against float64

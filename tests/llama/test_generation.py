@@ -5,7 +5,7 @@ import torch
 from llama.generation import Llama, sample
 from llama.tiny import random_model
 from llama.tokenizer import Tokenizer
-from tests.conftest import tiny_args
+from tests.utils import tiny_args
 
 
 def make_llama(tokenizer_path, n_kv_heads=4, max_batch_size=4, max_seq_len=64) -> Llama:

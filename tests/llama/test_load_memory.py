@@ -9,7 +9,7 @@ import importlib.util
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.utils import ROOT
 
 SIZE_MB = 150
 MAX_RATIO = 1.3

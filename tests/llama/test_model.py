@@ -1,156 +1,32 @@
 """Our model, loaded through `llama.checkpoint`, against HF transformers' LlamaForCausalLM.
 
-Each case builds a tiny random HF model, saves it in HF format (safetensors) and, with this
-file's own converter (written from REFERENCE.md, not from our loader), in Meta format
-(`params.json` + `consolidated.00.pth`). Both folders are loaded with our loader and their
+Each case builds a tiny random HF model, saves it in HF format (safetensors) and, with the
+tests' own converter (tests/utils.py, written from REFERENCE.md, not from our loader), in Meta
+format (`params.json` + `consolidated.00.pth`). Both folders are loaded with our loader and their
 logits compared to HF's. The KV-cache tests compare incremental decoding to a full forward.
 """
-import json
-import math
-from dataclasses import dataclass, field
-from typing import Optional
-
 import pytest
 import torch
 from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from llama.checkpoint import detect_format, load_model, read_model_args  # noqa: E402
 from llama.model import rope_frequencies  # noqa: E402
-from tests.conftest import HF_LAYER_NAMES, hf_to_meta_rows  # noqa: E402
+from tests.utils import (  # noqa: E402
+    CASES, DIM, N_HEADS, N_LAYERS, NORM_EPS, SEQ, TOL_CACHE, VOCAB, build_hf_model, load_ours, max_diff,
+    random_tokens, write_meta_checkpoint,
+)
 
-DIM, N_LAYERS, N_HEADS, VOCAB, SEQ = 64, 2, 4, 384, 40
-NORM_EPS = 1e-5
 TOL_HF = 1e-4  # ours vs HF, float32
-TOL_CACHE = 1e-5  # incremental decoding vs full forward, float32
 
 
-@dataclass
-class Case:
-    name: str
-    n_kv_heads: int
-    intermediate_size: int
-    # Meta params.json values that make Meta's FFN rule give intermediate_size
-    multiple_of: int
-    ffn_dim_multiplier: Optional[float] = None
-    rope_theta: float = 10000.0
-    hf_rope_scaling: Optional[dict] = None
-    meta_rope: dict = field(default_factory=dict)  # extra params.json keys for the rope
-    max_position_embeddings: int = 128
-
-
-LLAMA3_SCALING = {
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 16,
-}
-# What Meta's Llama-3.1 params.json means by `"use_scaled_rope": true`.
-LLAMA31_SCALING = {**LLAMA3_SCALING, "original_max_position_embeddings": 8192}
-
-CASES = [
-    Case("mha", n_kv_heads=4, intermediate_size=192, multiple_of=32),
-    Case("gqa", n_kv_heads=2, intermediate_size=176, multiple_of=16),
-    Case(
-        "llama3_scaling", n_kv_heads=2, intermediate_size=160, multiple_of=32, ffn_dim_multiplier=0.9,
-        rope_theta=500000.0, hf_rope_scaling=LLAMA3_SCALING, meta_rope={"rope_scaling": LLAMA3_SCALING},
-    ),
-    Case(
-        "linear_scaling", n_kv_heads=4, intermediate_size=192, multiple_of=32,
-        hf_rope_scaling={"rope_type": "linear", "factor": 4.0},
-        meta_rope={"rope_scaling": {"rope_type": "linear", "factor": 4.0}},
-    ),
-    Case(
-        "llama31_use_scaled_rope", n_kv_heads=2, intermediate_size=192, multiple_of=64,
-        rope_theta=500000.0, hf_rope_scaling=LLAMA31_SCALING, meta_rope={"use_scaled_rope": True},
-        max_position_embeddings=131072,
-    ),
-]
-
-
-# --- the test's own reference helpers -----------------------------------------------------------
-
-
-def meta_ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
-    """Meta's FFN width rule, as stated in REFERENCE.md."""
-    hidden = int(2 * 4 * dim / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
-def build_hf_model(case: Case, seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
-    """A float32 HF Llama with every weight random (RMSNorm weights too), scaled so that the
-    logits are O(1) and differences are visible."""
-    cfg = LlamaConfig(
-        hidden_size=DIM, intermediate_size=case.intermediate_size, num_hidden_layers=N_LAYERS,
-        num_attention_heads=N_HEADS, num_key_value_heads=case.n_kv_heads, vocab_size=VOCAB,
-        max_position_embeddings=case.max_position_embeddings, rms_norm_eps=NORM_EPS, rope_theta=case.rope_theta,
-        rope_scaling=dict(case.hf_rope_scaling) if case.hf_rope_scaling else None,
-        tie_word_embeddings=tie, attn_implementation="eager",
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).float()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif "embed_tokens" in name:
-                p.normal_(0.0, 1.0)
-            else:
-                p.normal_(0.0, 1.0 / math.sqrt(p.shape[1]))
-    return model.eval()
-
-
-
-
-def hf_state_to_meta(sd: dict, n_layers: int, n_heads: int, n_kv_heads: int) -> dict:
-    embed = sd["model.embed_tokens.weight"]
-    out = {
-        "tok_embeddings.weight": embed,
-        "norm.weight": sd["model.norm.weight"],
-        "output.weight": sd.get("lm_head.weight", embed),
-    }
-    rope_heads = {"attention.wq": n_heads, "attention.wk": n_kv_heads}
-    for i in range(n_layers):
-        for meta, hf in HF_LAYER_NAMES.items():
-            w = sd[f"model.layers.{i}.{hf}.weight"]
-            out[f"layers.{i}.{meta}.weight"] = hf_to_meta_rows(w, rope_heads[meta]) if meta in rope_heads else w
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
-
-
-def write_meta_checkpoint(hf_model: LlamaForCausalLM, case: Case, out_dir) -> None:
-    assert meta_ffn_hidden(DIM, case.multiple_of, case.ffn_dim_multiplier) == case.intermediate_size
-    params = {
-        "dim": DIM, "n_layers": N_LAYERS, "n_heads": N_HEADS, "n_kv_heads": case.n_kv_heads,
-        "vocab_size": VOCAB, "multiple_of": case.multiple_of, "norm_eps": NORM_EPS,
-        "rope_theta": case.rope_theta, **case.meta_rope,
-    }
-    if case.ffn_dim_multiplier is not None:
-        params["ffn_dim_multiplier"] = case.ffn_dim_multiplier
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "params.json").write_text(json.dumps(params))
-    state = hf_state_to_meta(hf_model.state_dict(), N_LAYERS, N_HEADS, case.n_kv_heads)
-    torch.save(state, out_dir / "consolidated.00.pth")
+# --- HF's logits (the cases, the HF model builder and the Meta writer are in tests/utils.py) ------
 
 
 def hf_logits(hf_model, tokens, attention_mask=None, position_ids=None) -> torch.Tensor:
     with torch.no_grad():
         return hf_model(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids).logits.float()
-
-
-def load_ours(ckpt_dir):
-    return load_model(ckpt_dir, read_model_args(ckpt_dir))
-
-
-def random_tokens(seed: int, shape=(2, SEQ)) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, VOCAB, shape, generator=g)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return (a - b).abs().max().item()
 
 
 # --- fixtures -------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 
 from llama.parallel import place_layers, plan_stages
 from llama.tiny import random_model
-from tests.conftest import tiny_args
+from tests.utils import tiny_args
 
 
 def best_max_stage(units, n):

@@ -1,5 +1,5 @@
 """GPTQ int4 folders: quant.checkpoint.save_int4 / load_int4 / load_base, against folders and
-float references written here, from REFERENCE.md ("GPTQ int4 layout") only:
+float references written by the tests, from REFERENCE.md ("GPTQ int4 layout") only:
 
     qweight int32 [in/8, out]     element j of a word at bits 4j..4j+3 (low nibble first)
     qzeros  int32 [G, out/8]      zero-1, packed along the output dim
@@ -11,8 +11,9 @@ order (HF rows = Meta rows permuted per head: interleaved pairs -> halves). The 
 are a llama.model.Transformer and an HF LlamaForCausalLM holding the test's own float64
 dequantized weights (rounded to float32), so an int4 folder must give their logits to 1e-4.
 
-The packer / unpacker / dequantizer here (pack_dim0, unpack_dim0, gptq_tensors, dequant64,
-meta_to_hf_rows, hf_to_meta_rows) are also used by tests/quant/test_gptq.py and test_cli.py.
+The packer / unpacker / dequantizer (pack_dim0, unpack_dim0, gptq_tensors, unpack_all, dequant64)
+and the q/k row permutation (meta_to_hf_rows, hf_to_meta_rows) are the tests' own, in
+tests/utils.py; tests/quant/test_gptq.py and test_cli.py use them too.
 """
 import copy
 import json
@@ -32,7 +33,10 @@ from quant.checkpoint import load_base, load_int4, save_int4, tp_share
 from quant.gptq import quantize_checkpoint
 from quant.linear import Int4Linear
 from quant.pack import Int4Weight
-from tests.conftest import HF_LAYER_NAMES, TOKENIZER_VOCAB, hf_to_meta_rows, meta_to_hf_rows, tiny_args
+from tests.utils import (
+    HF_LAYER_NAMES, TOKENIZER_VOCAB, dequant64, gptq_tensors, hf_to_meta_rows, meta_to_hf_rows, tiny_args,
+    unpack_all,
+)
 
 DIM, N_LAYERS, N_HEADS, N_KV_HEADS, HIDDEN, VOCAB = 64, 2, 4, 2, 192, TOKENIZER_VOCAB
 HEAD_DIM = DIM // N_HEADS
@@ -45,57 +49,7 @@ SHAPES = {  # [out, in] of each block linear (nn.Linear orientation)
     "feed_forward.w1": (HIDDEN, DIM), "feed_forward.w2": (DIM, HIDDEN), "feed_forward.w3": (HIDDEN, DIM),
 }
 
-# --- the test's own GPTQ layout -------------------------------------------------------------------
-
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int64)  # element j of a word at bits 4j..4j+3
-
-
-def pack_dim0(q: torch.Tensor) -> torch.Tensor:
-    """ints [R, C] in 0..15 -> int32 [R/8, C]: rows 8w..8w+7 into word w, low nibble first."""
-    q = q.to(torch.int64)
-    r, c = q.shape
-    assert r % 8 == 0 and int(q.min()) >= 0 and int(q.max()) <= 15
-    words = (q.view(r // 8, 8, c) << _SHIFTS.view(1, 8, 1)).sum(dim=1)  # exact in int64
-    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)  # the uint32 word read as int32
-    return words.to(torch.int32)
-
-
-def unpack_dim0(words: torch.Tensor) -> torch.Tensor:
-    """int32 [R/8, C] -> int64 [R, C] (the inverse of pack_dim0)."""
-    u = words.to(torch.int64) & 0xFFFFFFFF
-    return ((u.unsqueeze(1) >> _SHIFTS.view(1, 8, 1)) & 0xF).reshape(-1, words.shape[1])
-
-
-def gptq_tensors(q, zeros, scales, g_idx) -> dict:
-    """q [out, in] 0..15, integer zero points zeros [G, out] in 1..15, scales [G, out], g_idx [in]."""
-    return {
-        "qweight": pack_dim0(q.t()),
-        "qzeros": pack_dim0((zeros - 1).t()).t().contiguous(),
-        "scales": scales.to(torch.float16),
-        "g_idx": g_idx.to(torch.int32),
-    }
-
-
-def parts(t) -> dict:
-    return t.tensors() if isinstance(t, Int4Weight) else t
-
-
-def unpack_all(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> q [in, out] int64, zero points [G, out] int64 (stored + 1), scales [G, out] float64, g_idx long."""
-    t = parts(t)
-    q = unpack_dim0(t["qweight"])
-    zeros = unpack_dim0(t["qzeros"].t()).t() + 1
-    return q, zeros, t["scales"].double(), t["g_idx"].long()
-
-
-def dequant64(t) -> torch.Tensor:
-    """float64 W [out, in] (nn.Linear orientation) by REFERENCE.md's formula."""
-    q, zeros, scales, g = unpack_all(t)
-    return (scales[g] * (q - zeros[g]).double()).t()
-
-
-
-
+# --- random GPTQ layers and folders (the layout's packer and dequantizer are in tests/utils.py) ---
 
 
 def random_int4(out_features: int, in_features: int, group_size: int, act_order: bool, gen) -> dict:

@@ -1,6 +1,6 @@
 """`python -m quant` end to end on a tiny saved checkpoint: the folder it writes loads with
 load_base(quant="int4") and gives logits close to the float model, and its weights, read with the
-test's own unpacker (tests/quant/test_checkpoint.py), are the float weights on the int4 grid.
+test's own unpacker (tests/utils.py), are the float weights on the int4 grid.
 Bad input exits 2 with one "error: ..." line and leaves no output (nor temp folder) behind.
 
 The success paths, --help and one error run as subprocesses; the other error cases call
@@ -22,8 +22,7 @@ from llama.tiny import corpus, random_model
 from quant.__main__ import main
 from quant.checkpoint import load_base
 from quant.linear import Int4Linear
-from tests.conftest import HF_LAYER_NAMES, tiny_args
-from tests.quant.test_checkpoint import dequant64, hf_to_meta_rows, unpack_all
+from tests.utils import HF_LAYER_NAMES, dequant64, hf_to_meta_rows, tiny_args, unpack_all
 
 ROOT = Path(__file__).resolve().parents[2]
 N_HEADS, N_KV_HEADS = 4, 2

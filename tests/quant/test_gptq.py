@@ -1,5 +1,5 @@
 """quant.gptq: round-to-nearest and GPTQ, checked through the test's own unpacker/dequantizer
-(tests/quant/test_checkpoint.py, written from REFERENCE.md) and float64 arithmetic:
+(tests/utils.py, written from REFERENCE.md) and float64 arithmetic:
 
 - rtn: every weight dequantizes to the nearest point of its group's 16-point grid, within half
   a step of the float weight wherever the grid reaches (clamping only at the grid's ends); zero
@@ -23,8 +23,7 @@ from llama.tokenizer import Tokenizer
 from quant.gptq import GPTQ, calibration_tokens, quantize_checkpoint, rtn
 from quant.linear import Int4Linear
 from quant.pack import dequantize
-from tests.conftest import TOKENIZER_VOCAB
-from tests.quant.test_checkpoint import dequant64, unpack_all
+from tests.utils import TOKENIZER_VOCAB, dequant64, unpack_all
 
 # --- round to nearest -------------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """quant.kernels.int4_matmul (every path) and quant.linear.Int4Linear against float64 references
-built from the test's own GPTQ-layout packer (tests/quant/test_pack.py):
+built from the tests' own GPTQ-layout packer (tests/utils.py):
 
     reference     y_ref = x.double() @ W64.T, W64 the float64 dequantized weight
     float32 paths (reference, dequant, cpu_int4, triton under TRITON_INTERPRET=1):
@@ -24,8 +24,7 @@ from torch import nn
 from quant import kernels
 from quant.kernels import choose_path, cpu_int4_supported, int4_matmul
 from quant.linear import Int4Linear
-from tests.conftest import ROOT
-from tests.quant.test_pack import random_layer
+from tests.utils import ROOT, random_layer
 
 # (in, out, group_size, act_order)
 CASES = {
@@ -218,7 +217,7 @@ TRITON_SCRIPT = textwrap.dedent("""
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
     from quant.kernels import int4_matmul
-    from tests.quant.test_pack import random_layer
+    from tests.utils import random_layer
 
     def rel(a, b):
         a, b = a.double(), b.double()

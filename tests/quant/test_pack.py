@@ -1,11 +1,12 @@
-"""quant.pack against an independent GPTQ-layout writer/reader written here from REFERENCE.md
+"""quant.pack against an independent GPTQ-layout writer/reader written from REFERENCE.md
 ("GPTQ int4 layout"): pure numpy bit operations, low nibble first, qzeros = zero-1 packed along
 the output dim, the top nibble wrapping into the int32 sign bit.
 
     W[k, n] = scales[g_idx[k], n] * (q[k, n] - (qzeros[g_idx[k], n] + 1))     (W is [in, out])
 
-The helpers below (gptq_layer, gptq_unpack, ref_dequant, random_layer) are also used by
-tests/quant/test_kernels.py and its Triton interpreter subprocess.
+That writer/reader (np_pack_rows, np_unpack_rows, gptq_layer, gptq_unpack, ref_dequant,
+random_layer) is the tests' own, in tests/utils.py; tests/quant/test_kernels.py and its Triton
+interpreter subprocess use it too.
 """
 import numpy as np
 import pytest
@@ -13,79 +14,10 @@ import torch
 
 from llama.errors import LlamaInputError
 from quant import kernels
-from quant.pack import Int4Weight, dequantize, group_index, pack, pack_cols, pack_rows, unpack_cols, unpack_rows
+from quant.pack import dequantize, group_index, pack, pack_cols, pack_rows, unpack_cols, unpack_rows
+from tests.utils import gptq_unpack, np_pack_rows, np_unpack_rows, random_layer, ref_dequant
 
-# --- the test's own GPTQ layout, from REFERENCE.md only -----------------------------------------
-
-
-def np_pack_rows(q: np.ndarray) -> np.ndarray:
-    """q [K, N] in 0..15 -> int32 [K/8, N]: element j of a word at bits 4j..4j+3."""
-    q = np.asarray(q, dtype=np.int64)
-    k, n = q.shape
-    assert k % 8 == 0 and q.min() >= 0 and q.max() <= 15
-    words = np.zeros((k // 8, n), dtype=np.int64)
-    for j in range(8):
-        words |= q[j::8] << (4 * j)
-    words[words >= 2 ** 31] -= 2 ** 32  # the unsigned 32-bit word read as int32 (two's complement)
-    return words.astype(np.int32)
-
-
-def np_unpack_rows(words: np.ndarray) -> np.ndarray:
-    """int32 [K/8, N] -> int64 [K, N]."""
-    u = np.asarray(words, dtype=np.int64) & 0xFFFFFFFF
-    k8, n = u.shape
-    q = np.zeros((k8 * 8, n), dtype=np.int64)
-    for j in range(8):
-        q[j::8] = (u >> (4 * j)) & 0xF
-    return q
-
-
-def gptq_layer(q, zeros, scales, g_idx) -> dict:
-    """q [out, in] 0..15, zeros [G, out] 1..15, scales [G, out], g_idx [in] -> the four GPTQ tensors."""
-    q, zeros = np.asarray(q), np.asarray(zeros)
-    return {
-        "qweight": torch.from_numpy(np_pack_rows(q.T)),
-        "qzeros": torch.from_numpy(np.ascontiguousarray(np_pack_rows((zeros - 1).T).T)),
-        "scales": torch.as_tensor(np.asarray(scales), dtype=torch.float16),
-        "g_idx": torch.as_tensor(np.asarray(g_idx), dtype=torch.int32),
-    }
-
-
-def gptq_unpack(t: dict) -> tuple[np.ndarray, np.ndarray]:
-    """-> q [in, out] and the stored qzeros [G, out] (zero - 1)."""
-    return np_unpack_rows(t["qweight"].numpy()), np_unpack_rows(t["qzeros"].numpy().T).T
-
-
-def ref_dequant(t: dict) -> torch.Tensor:
-    """float64 W [out, in] (nn.Linear orientation) by REFERENCE.md's formula, element by element
-    through numpy fancy indexing."""
-    q, z = gptq_unpack(t)
-    s = t["scales"].to(torch.float64).numpy()
-    g = t["g_idx"].numpy().astype(np.int64)
-    w_kn = s[g, :] * (q - (z[g, :] + 1))
-    return torch.from_numpy(np.ascontiguousarray(w_kn.T))
-
-
-def make_g_idx(k: int, group_size: int, act_order: bool, rng: np.random.Generator) -> np.ndarray:
-    size = k if group_size == -1 else group_size
-    g = np.arange(k) // size
-    return rng.permutation(g) if act_order else g
-
-
-def random_layer(k: int, n: int, group_size: int, act_order: bool = False, seed: int = 0):
-    """Random q / zeros / scales / g_idx -> (raw dict, GPTQ tensors dict, Int4Weight, float64 W [out, in])."""
-    rng = np.random.default_rng(seed)
-    g = make_g_idx(k, group_size, act_order, rng)
-    groups = int(g.max()) + 1
-    raw = {
-        "q": rng.integers(0, 16, size=(n, k)),
-        "zeros": rng.integers(1, 16, size=(groups, n)),
-        "scales": rng.uniform(0.005, 0.05, size=(groups, n)).astype(np.float16),
-        "g_idx": g,
-    }
-    t = gptq_layer(raw["q"], raw["zeros"], raw["scales"], raw["g_idx"])
-    w = Int4Weight(t["qweight"], t["qzeros"], t["scales"], t["g_idx"])
-    return raw, t, w, ref_dequant(t)
+# --- a second reference straight from the unpacked values -----------------------------------------
 
 
 def raw_dequant(raw) -> torch.Tensor:

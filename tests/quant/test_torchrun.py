@@ -21,7 +21,7 @@ from finetune.trainer import train
 from llama.checkpoint import load_model, read_model_args, save_checkpoint
 from llama.tiny import random_model
 from quant.linear import NF4Linear
-from tests.conftest import ROOT, metrics_by_step as metrics, tiny_args
+from tests.utils import ROOT, metrics_by_step as metrics, tiny_args
 
 DEMO_TRAIN, DEMO_EVAL = ROOT / "data" / "demo" / "train.jsonl", ROOT / "data" / "demo" / "eval.jsonl"
 ARGS = dict(dim=128, n_heads=4, n_kv_heads=2, multiple_of=64)

@@ -26,9 +26,7 @@ from llama.tiny import random_model
 from quant.checkpoint import load_base
 from quant.gptq import GPTQ, rtn
 from quant.linear import LAYER_LINEARS, Int4Linear, NF4Linear, quantize_model_
-from tests.conftest import ROOT, tiny_args
-from tests.finetune.test_trainer import config as trainer_config
-from tests.finetune.test_trainer import eval_loss_of
+from tests.utils import ROOT, eval_loss_of, tiny_args, trainer_config
 
 GROUP = 32  # divides every input width of tiny_args (64, and the FFN's 192)
 
@@ -223,8 +221,8 @@ def fp16_ckpt(tmp_path_factory, tokenizer_path):
 
 
 def config(ckpt, out_dir, **kw) -> TrainConfig:
-    """tests/finetune/test_trainer.py's small sft LoRA run on the demo data, at lr 1e-2 and with
-    this file's int4 group size."""
+    """The small sft LoRA run on the demo data of tests/finetune/test_trainer.py (trainer_config),
+    at lr 1e-2 and with this file's int4 group size."""
     return trainer_config(ckpt, out_dir, **{"lr": 1e-2, "quant_group_size": GROUP, **kw})
 
 

@@ -12,8 +12,7 @@ import pytest
 import split.output as split_output
 from llama.checkpoint import save_checkpoint
 from llama.tiny import random_model
-from tests.conftest import ROOT, tiny_args
-from tests.split.common import run_split, write_meta
+from tests.utils import ROOT, run_split, tiny_args, write_meta
 
 
 shutil_usage = namedtuple("usage", "total used free")

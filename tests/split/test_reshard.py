@@ -12,8 +12,7 @@ from safetensors.torch import load_file
 import split.source as split_source
 from llama.checkpoint import load_model, read_model_args, save_checkpoint
 from llama.tiny import random_model
-from tests.conftest import tiny_args
-from tests.split.common import assert_same_state, chunk_state, load_dir, run_split, write_meta
+from tests.utils import assert_same_state, chunk_state, load_dir, run_split, tiny_args, write_meta
 
 ST = "consolidated.00.safetensors"
 

@@ -10,8 +10,7 @@ from safetensors.torch import load_file
 from llama.checkpoint import save_checkpoint
 from llama.parallel import plan_stages
 from llama.tiny import random_model
-from tests.conftest import tiny_args
-from tests.split.common import assert_same_state, chunk_state, load_dir, run_split
+from tests.utils import assert_same_state, chunk_state, load_dir, run_split, tiny_args
 
 N_LAYERS = 5
 

@@ -11,7 +11,7 @@ import torch
 from llama.checkpoint import save_checkpoint
 from llama.tiny import random_model
 from split.reshard import split_checkpoint
-from tests.conftest import ROOT, tiny_args
+from tests.utils import ROOT, tiny_args
 
 PROMPTS = ["The red cat", "What is 12 plus 30? The answer", "hi"]
 
