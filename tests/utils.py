@@ -1,5 +1,5 @@
 """The tests' shared helpers: tiny configs, the tests' own format converters and writers, and
-the trainer helpers several test files use.
+the small runners several test files use.
 
 The converters, writers and decoders here (HF names and q/k rows, Meta shards, the GPTQ layout)
 are the tests' own references, written from REFERENCE.md and independent of the package's own
@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
@@ -26,9 +29,11 @@ from safetensors.torch import load_file
 import split_model
 from finetune.config import TrainConfig
 from finetune.data import DataConfig, load_examples
-from llama.checkpoint import load_model, read_model_args
+from finetune.trainer import train
+from llama.checkpoint import load_model, read_model_args, save_checkpoint
 from llama.config import ModelArgs
 from llama.model import Transformer
+from llama.tiny import random_model
 from llama.tokenizer import Tokenizer
 from quant.pack import Int4Weight
 
@@ -47,6 +52,18 @@ def tiny_args(**overrides) -> ModelArgs:
     return ModelArgs(**{**base, **overrides})
 
 
+def peaked_random_model(args, seed: int, std: float) -> Transformer:
+    """llama.tiny.random_model with its 2-D weights redrawn at `std` (from the RNG it seeded),
+    larger than its 0.02: peaked logits and attention far from uniform, so greedy text varies and
+    mixing shows."""
+    model = random_model(args, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(std=std)
+    return model
+
+
 # --- HF names and the q/k row permutation (REFERENCE.md, "HF LLaMA checkpoints") ------------------
 
 # HF LlamaForCausalLM's names for our per-layer weights, written from REFERENCE.md for the tests'
@@ -56,8 +73,8 @@ HF_LAYER_NAMES = {
     "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
     "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
-HF_NAME = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
-           "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+# the seven block linears by their short names: wq -> q_proj ... w3 -> up_proj (PEFT's target names)
+HF_NAME = {ours.split(".")[1]: hf.split(".")[1] for ours, hf in HF_LAYER_NAMES.items() if "." in ours}
 ALL_HF = list(HF_NAME.values())
 
 
@@ -88,6 +105,19 @@ def hf_state_to_meta(sd: dict, n_layers: int, n_heads: int, n_kv_heads: int) -> 
         for meta, hf in HF_LAYER_NAMES.items():
             w = sd[f"model.layers.{i}.{hf}.weight"]
             out[f"layers.{i}.{meta}.weight"] = hf_to_meta_rows(w, heads[meta]) if meta in heads else w
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def meta_state_to_hf(state: dict, n_layers: int, n_heads: int, n_kv_heads: int) -> dict:
+    """A Meta-layout state dict (ours has the same names) -> HF LlamaForCausalLM's names, q/k rows
+    permuted to HF's rotary order: the inverse of hf_state_to_meta."""
+    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
+           "lm_head.weight": state["output.weight"]}
+    heads = {"attention.wq": n_heads, "attention.wk": n_kv_heads}
+    for i in range(n_layers):
+        for ours, hf in HF_LAYER_NAMES.items():
+            w = state[f"layers.{i}.{ours}.weight"]
+            out[f"model.layers.{i}.{hf}.weight"] = meta_to_hf_rows(w, heads[ours]) if ours in heads else w
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
@@ -210,6 +240,12 @@ def random_tokens(seed: int, shape=(2, SEQ)) -> torch.Tensor:
     return torch.randint(3, VOCAB, shape, generator=g)
 
 
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest absolute difference relative to ref's largest magnitude, in float64."""
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     return (a - b).abs().max().item()
@@ -236,17 +272,6 @@ def make_ours(args, seed: int = 0) -> Transformer:
     return init_weights(Transformer(args), seed).eval()
 
 
-def hf_state_from_ours(state: dict, args) -> dict:
-    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
-           "lm_head.weight": state["output.weight"]}
-    rope_heads = {"attention.wq": args.n_heads, "attention.wk": args.n_kv_heads}
-    for i in range(args.n_layers):
-        for ours, hf in HF_LAYER_NAMES.items():
-            w = state[f"layers.{i}.{ours}.weight"]
-            out[f"model.layers.{i}.{hf}.weight"] = meta_to_hf_rows(w, rope_heads[ours]) if ours in rope_heads else w
-    return {k: v.detach().clone().contiguous() for k, v in out.items()}
-
-
 def hf_from_ours(model: Transformer) -> LlamaForCausalLM:
     """An HF LlamaForCausalLM computing what `model` (a plain Transformer) computes."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -257,7 +282,7 @@ def hf_from_ours(model: Transformer) -> LlamaForCausalLM:
                       rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=256,
                       tie_word_embeddings=False, attn_implementation="eager")
     hf = LlamaForCausalLM(cfg).float()
-    hf.load_state_dict(hf_state_from_ours(model.state_dict(), a), strict=True)
+    hf.load_state_dict(meta_state_to_hf(model.state_dict(), a.n_layers, a.n_heads, a.n_kv_heads), strict=True)
     return hf.eval()
 
 
@@ -280,6 +305,18 @@ def chunk_state(state: dict, n: int) -> list[dict]:
         for rank, shard in enumerate(shards):
             shard[key] = t if dim is None else torch.chunk(t, n, dim)[rank].clone()
     return shards
+
+
+def merge_shards(folder) -> dict:
+    """Our fairscale-layout shards (2 ranks) -> whole tensors; replicated ones must be equal."""
+    parts = [load_file(str(folder / f"consolidated.{r:02d}.safetensors")) for r in range(2)]
+    whole = {}
+    for key in parts[0]:
+        dim = fs_dim(key)
+        whole[key] = parts[0][key] if dim is None else torch.cat([p[key] for p in parts], dim)
+        if dim is None:
+            torch.testing.assert_close(parts[1][key], parts[0][key], rtol=0, atol=0)
+    return whole
 
 
 def params_of(args) -> dict:
@@ -305,6 +342,13 @@ def load_dir(d) -> list[dict]:
     """Every consolidated.NN file of a folder, with the safetensors library or plain torch.load."""
     files = sorted(d.glob("consolidated.*"))
     return [load_file(str(f)) if f.suffix == ".safetensors" else torch.load(f, weights_only=True) for f in files]
+
+
+def random_ours(tmp_path, name="src", dtype=torch.float32, seed=0, **overrides):
+    """A random tiny model (tiny_args(**overrides)) saved in our format as tmp_path / name."""
+    model = random_model(tiny_args(**overrides), seed=seed).to(dtype)
+    save_checkpoint(model, tmp_path / name)
+    return tmp_path / name
 
 
 def run_split(*argv) -> int:
@@ -442,7 +486,45 @@ def random_layer(k: int, n: int, group_size: int, act_order: bool = False, seed:
     return raw, t, w, ref_dequant(t)
 
 
-# --- the trainer and its metrics (tests/finetune/test_trainer.py) ---------------------------------
+def nf4_dequant(layer) -> torch.Tensor:
+    """bitsandbytes' own dequantization of an NF4Linear's packed NF4 weight (double quant state)."""
+    import bitsandbytes.functional as bnbf
+
+    w = layer.inner.weight
+    return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+
+
+# --- runs: subprocesses, torchrun, the trainer and its metrics ------------------------------------
+
+PROMPTS = ["The red cat", "What is 12 plus 30? The answer", "hi"]
+
+
+def prompt_flags():
+    """example.py's flags for greedy text of PROMPTS."""
+    return [f for p in PROMPTS for f in ("--prompt", p)] + ["--temperature", "0", "--max_gen_len", "16"]
+
+
+def run(cmd, timeout=300, **kw) -> subprocess.CompletedProcess:
+    """cmd (items str()'d) from the repository root, one OpenMP thread, output captured as text."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env, **kw)
+
+
+def torchrun(common: dict, ckpt, out_dir, timeout=300, **kw):
+    """ft_main.py on 2 processes with common + kw as command-line keys; returns the completed run."""
+    values = {**common, "ckpt_dir": str(ckpt), "out_dir": str(out_dir), **kw}
+    flags = [x for k, v in values.items() for x in (f"--{k}", ",".join(map(str, v)) if isinstance(v, list) else str(v))]
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  ROOT / "ft_main.py"] + flags, timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def one_process(common: dict, ckpt, out_dir, **kw) -> dict:
+    """finetune.trainer.train in this process with common + kw."""
+    return train(TrainConfig(**{**common, "ckpt_dir": str(ckpt), "out_dir": str(out_dir), **kw}).check())
+
 
 def trainer_config(ckpt, out_dir, **kw) -> TrainConfig:
     """Small sft LoRA defaults on the bundled demo data; the plain template keeps rows ~25 tokens."""
@@ -470,6 +552,10 @@ def eval_loss_of(model, ckpt) -> float:
     return total / count
 
 
+def read_metrics(out_dir) -> list[dict]:
+    return [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
 def metrics_by_step(out_dir) -> dict:
     """{(step, 'train'|'eval'): record} from a run's metrics.jsonl; a step logged twice fails."""
     out = {}
@@ -479,3 +565,33 @@ def metrics_by_step(out_dir) -> dict:
         assert key not in out, f"{key} logged twice"
         out[key] = r
     return out
+
+
+def assert_same_tensors(a: dict, b: dict, tol) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=tol, msg=k)
+
+
+# --- instrumentation ------------------------------------------------------------------------------
+
+
+class CountCalls(torch.overrides.TorchFunctionMode):
+    """Records the torch functions called inside the block (and SDPA's mask arguments)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+        self.sdpa: list[tuple[bool, bool]] = []  # (attn_mask is None, is_causal) per call
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        self.names.append(name)
+        if name == "scaled_dot_product_attention":
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            self.sdpa.append((mask is None, bool(kwargs.get("is_causal", False))))
+        return func(*args, **kwargs)
+
+    def count(self, name: str) -> int:
+        return self.names.count(name)

@@ -11,9 +11,9 @@ import torch
 
 from finetune.data import IGNORE, DataConfig, Example, collate, load_examples, pack
 from finetune.heads import TaskModel
-from llama.tiny import corpus, random_model
+from llama.tiny import corpus
 from llama.tokenizer import Tokenizer
-from tests.utils import tiny_args
+from tests.utils import peaked_random_model, tiny_args
 
 # --- the reference formats, written out by hand ----------------------------------------------
 
@@ -423,12 +423,7 @@ def sft_rows(n: int) -> list[dict]:
 def boosted_model(n_kv_heads: int = 4):
     """A tiny random model with weights large enough that attention is far from uniform, so a
     leak across samples would show in the logits."""
-    model = random_model(tiny_args(n_kv_heads=n_kv_heads), seed=1).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(std=0.1)
-    return model
+    return peaked_random_model(tiny_args(n_kv_heads=n_kv_heads), seed=1, std=0.1).eval()
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])

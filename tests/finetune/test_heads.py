@@ -12,7 +12,7 @@ from finetune.heads import LinearCrossEntropy, TaskModel, lm_loss_sum
 from finetune.prompt_tuning import PromptTuning
 from llama.model import Transformer
 from llama.parallel import Linear
-from tests.utils import tiny_args
+from tests.utils import CountCalls, rel_err, tiny_args
 
 TOL = 1e-5  # float32 against float64, relative to the largest value compared
 # bfloat16 hidden/weight: the logits and the stored softmax - onehot are rounded to bf16 (8 bits of
@@ -22,11 +22,6 @@ TOL = 1e-5  # float32 against float64, relative to the largest value compared
 TOL_BF16_LOSS, TOL_BF16_GRAD = 2**-8, 2**-6
 
 BATCH, SEQ, DIM, VOCAB = 3, 9, 16, 37
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def make_inputs(seed: int = 0, dtype=torch.float32, ignore_frac: float = 0.3, vocab: int = VOCAB):
@@ -62,16 +57,6 @@ def output_layer(weight: torch.Tensor) -> nn.Linear:
 
 def took_fused_path(loss: torch.Tensor) -> bool:
     return "LinearCrossEntropy" in type(loss.grad_fn).__name__
-
-
-class CountCalls(torch.overrides.TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.names.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
 
 
 # --- the fused path (output is a bias-free nn.Linear) ---------------------------------------------

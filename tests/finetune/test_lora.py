@@ -25,7 +25,7 @@ from llama.errors import LlamaInputError  # noqa: E402
 from llama.model import Transformer  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 from tests.utils import (  # noqa: E402
-    ALL_HF, hf_from_ours, hf_state_from_ours, hf_to_meta_rows, make_ours, peft_module_name, rope_heads, tiny_args,
+    ALL_HF, hf_from_ours, hf_to_meta_rows, make_ours, meta_state_to_hf, peft_module_name, rope_heads, tiny_args,
 )
 
 TOL_LAYER = 1e-5  # one linear layer, float32, absolute
@@ -276,7 +276,7 @@ def test_merged_weights_match_peft_merge_and_unload():
     ours.requires_grad_(False)
     apply_lora(ours, "all-linear", 4, 8.0)
     copy_peft_lora_into_ours(theirs, ours, args)
-    expected = hf_state_from_ours(merged_state_dict(ours), args)
+    expected = meta_state_to_hf(merged_state_dict(ours), args.n_layers, args.n_heads, args.n_kv_heads)
     merged_hf = theirs.merge_and_unload().state_dict()
     for key, value in expected.items():
         torch.testing.assert_close(merged_hf[key], value, atol=1e-6, rtol=0, msg=key)

@@ -3,24 +3,19 @@
 split_model.py checkpoint (LoRA on every linear with GQA, prompt tuning, full fine-tuning), and
 resuming a 2-process run from its checkpoint."""
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from finetune.config import TrainConfig
 from finetune.demo import FACTS
-from finetune.trainer import train
 from llama.tiny import random_model
 from llama.checkpoint import save_checkpoint
-from tests.utils import ROOT, metrics_by_step as metrics, tiny_args
-
-DEMO_TRAIN, DEMO_EVAL = ROOT / "data" / "demo" / "train.jsonl", ROOT / "data" / "demo" / "eval.jsonl"
-COLUMN, ROW = ("wq", "wk", "wv", "w1", "w3", "output"), ("wo", "w2", "tok_embeddings")  # fairscale layout
+from tests.utils import (
+    DEMO_EVAL, DEMO_TRAIN, assert_same_tensors, merge_shards, metrics_by_step as metrics, one_process, run,
+    tiny_args, torchrun,
+)
 
 COMMON = dict(dtype="float32", device="cpu", method="lora", task="sft", train_file=str(DEMO_TRAIN),
               eval_file=str(DEMO_EVAL), template="plain", cutoff_len=64, seed=0, lr=1e-2, warmup_steps=0,
@@ -58,27 +53,6 @@ def gqa_ckpts(tmp_path_factory, tokenizer_path):
     return whole, split
 
 
-def run(cmd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def torchrun(ckpt, out_dir, **kw):
-    """ft_main.py on 2 processes with COMMON + kw as command-line keys; returns the completed run."""
-    values = {**COMMON, "ckpt_dir": str(ckpt), "out_dir": str(out_dir), **kw}
-    flags = [x for k, v in values.items() for x in (f"--{k}", ",".join(map(str, v)) if isinstance(v, list) else str(v))]
-    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                  str(ROOT / "ft_main.py")] + flags)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def one_process(ckpt, out_dir, **kw) -> dict:
-    return train(TrainConfig(**{**COMMON, "ckpt_dir": str(ckpt), "out_dir": str(out_dir), **kw}).check())
-
-
-
-
 def assert_same_run(got_dir, want_dir, tol, steps=None, names=("loss", "grad_norm", "lr", "eval_loss")):
     got, want = metrics(got_dir), metrics(want_dir)
     keys = sorted(k for k in want if steps is None or k[0] in steps)
@@ -88,12 +62,6 @@ def assert_same_run(got_dir, want_dir, tol, steps=None, names=("loss", "grad_nor
         for name in names:
             if name in want[key]:
                 assert got[key][name] == pytest.approx(want[key][name], rel=tol, abs=tol), (key, name)
-
-
-def assert_same_tensors(a: dict, b: dict, tol) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=tol, msg=k)
 
 
 def adapter(out_dir) -> dict:
@@ -108,9 +76,9 @@ def test_data_parallel_matches_one_process(mha_ckpt, tmp_path, grad_accum):
     """2 processes x micro-batch 2 follow 1 process x micro-batch 4 step for step: each step's
     loss is the mean over all its target tokens, whatever the split."""
     dp = tmp_path / "dp"
-    result = torchrun(mha_ckpt, dp, micro_batch_size=2, grad_accum=grad_accum)
+    result = torchrun(COMMON, mha_ckpt, dp, micro_batch_size=2, grad_accum=grad_accum)
     assert "tensor-parallel 1 x data-parallel 2" in result.stdout
-    one_process(mha_ckpt, tmp_path / "one", micro_batch_size=4, grad_accum=grad_accum)
+    one_process(COMMON, mha_ckpt, tmp_path / "one", micro_batch_size=4, grad_accum=grad_accum)
     assert_same_run(dp, tmp_path / "one", tol=1e-5)
     assert len([k for k in metrics(dp) if k[1] == "train"]) == COMMON["max_steps"]
     assert_same_tensors(adapter(dp), adapter(tmp_path / "one"), tol=3e-5)
@@ -126,10 +94,10 @@ def test_two_process_run_resumes_identically(mha_ckpt, tmp_path):
     step-3 checkpoint, logs steps 4-6 and ends with the adapter of the uninterrupted run."""
     kw = dict(micro_batch_size=2, grad_accum=2, lora_dropout=0.1, save_every=3, keep_last=5, eval_every=1)
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    torchrun(mha_ckpt, whole, **kw)
+    torchrun(COMMON, mha_ckpt, whole, **kw)
     step3 = whole / "checkpoints" / "step_000003"
     assert step3.is_dir()
-    result = torchrun(mha_ckpt, resumed, resume=str(step3), **kw)
+    result = torchrun(COMMON, mha_ckpt, resumed, resume=str(step3), **kw)
     assert f"resumed from {step3} at step 3" in result.stdout
     assert sorted(k[0] for k in metrics(resumed)) == [4, 4, 5, 5, 6, 6]
     assert_same_run(resumed, whole, tol=1e-6, steps={4, 5, 6})
@@ -137,25 +105,12 @@ def test_two_process_run_resumes_identically(mha_ckpt, tmp_path):
     # dropout was on: a run from the same checkpoint without restoring each rank's RNG differs
     # (guards the test itself: with dropout inert the comparison above would be vacuous)
     no_dropout = tmp_path / "no_dropout"
-    one_process(mha_ckpt, no_dropout, micro_batch_size=4, grad_accum=2, lora_dropout=0.0, save_every=3,
-                keep_last=5, eval_every=1)
+    one_process(COMMON, mha_ckpt, no_dropout, micro_batch_size=4, grad_accum=2, lora_dropout=0.0, save_every=3,
+                        keep_last=5, eval_every=1)
     assert metrics(no_dropout)[(4, "train")]["loss"] != pytest.approx(metrics(whole)[(4, "train")]["loss"], rel=1e-4)
 
 
 # --- tensor parallel ---------------------------------------------------------------------------
-
-
-def merge_shards(folder) -> dict:
-    """Our fairscale-layout shards -> whole tensors (written here, independently of the package)."""
-    parts = [load_file(str(folder / f"consolidated.{r:02d}.safetensors")) for r in range(2)]
-    whole = {}
-    for key in parts[0]:
-        name = key.split(".")[-2]
-        dim = 0 if name in COLUMN else 1 if name in ROW else None
-        whole[key] = parts[0][key] if dim is None else torch.cat([p[key] for p in parts], dim)
-        if dim is None:
-            torch.testing.assert_close(parts[1][key], parts[0][key], rtol=0, atol=0)
-    return whole
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt", "full"])
@@ -163,9 +118,9 @@ def test_tensor_parallel_matches_one_process(gqa_ckpts, tmp_path, method):
     whole, split = gqa_ckpts
     kw = dict(method=method, micro_batch_size=4, lr=3e-2 if method == "prompt" else 1e-2 if method == "lora" else 2e-3)
     tp = tmp_path / "tp"
-    result = torchrun(split, tp, save_every=3, **kw)
+    result = torchrun(COMMON, split, tp, save_every=3, **kw)
     assert "tensor-parallel 2 x data-parallel 1" in result.stdout
-    one_process(whole, tmp_path / "one", save_every=3, **kw)
+    one_process(COMMON, whole, tmp_path / "one", save_every=3, **kw)
     assert_same_run(tp, tmp_path / "one", tol=1e-4)
     losses = [r["loss"] for k, r in sorted(metrics(tp).items()) if k[1] == "train"]
     assert losses[-1] < losses[0]
@@ -184,7 +139,7 @@ def test_tensor_parallel_matches_one_process(gqa_ckpts, tmp_path, method):
             assert got["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (4, 192)  # ffn 192
             # resuming tensor-parallel: each rank reloads its own shard of the adapter and its moments
             step3 = tp / "checkpoints" / "step_000003"
-            result = torchrun(split, tmp_path / "resumed", save_every=3, resume=str(step3), **kw)
+            result = torchrun(COMMON, split, tmp_path / "resumed", save_every=3, resume=str(step3), **kw)
             assert f"resumed from {step3} at step 3" in result.stdout
             assert_same_run(tmp_path / "resumed", tp, tol=1e-6, steps={4, 5, 6})
             assert_same_tensors(adapter(tmp_path / "resumed"), got, tol=1e-6)
@@ -197,6 +152,6 @@ def test_full_fine_tuning_with_a_score_head_under_ddp(mha_ckpt, tmp_path):
     data = tmp_path / "cls.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     kw = dict(method="full", task="cls", train_file=str(data), eval_file="", eval_split=0.2, lr=1e-3, max_steps=4)
-    torchrun(mha_ckpt, tmp_path / "dp", micro_batch_size=2, **kw)
-    one_process(mha_ckpt, tmp_path / "one", micro_batch_size=4, **kw)
+    torchrun(COMMON, mha_ckpt, tmp_path / "dp", micro_batch_size=2, **kw)
+    one_process(COMMON, mha_ckpt, tmp_path / "one", micro_batch_size=4, **kw)
     assert_same_run(tmp_path / "dp", tmp_path / "one", tol=1e-5)

@@ -27,7 +27,9 @@ from finetune.trainer import base_dtype, lr_factor, train
 from llama.checkpoint import load_model, read_model_args, save_checkpoint
 from llama.tiny import random_model
 from llama.tokenizer import Tokenizer
-from tests.utils import DEMO_EVAL, DEMO_TRAIN, ROOT, eval_loss_of, tiny_args, trainer_config
+from tests.utils import (
+    DEMO_EVAL, DEMO_TRAIN, ROOT, assert_same_tensors, eval_loss_of, read_metrics, tiny_args, trainer_config,
+)
 
 METRIC_KEYS = ("loss", "lr", "grad_norm", "epoch", "eval_loss", "eval_ppl", "eval_accuracy")
 
@@ -39,10 +41,6 @@ def base_ckpt(tmp_path_factory, tokenizer_path):
     save_checkpoint(random_model(tiny_args(), seed=0), out)
     shutil.copy(tokenizer_path, out / "tokenizer.model")
     return out
-
-
-def read_metrics(out_dir) -> list[dict]:
-    return [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
 
 
 def by_step(records: list[dict]) -> dict:
@@ -64,10 +62,7 @@ def assert_same_metrics(got: dict, want: dict, tol: float = 1e-6) -> None:
 
 
 def same_tensors(dir_a, dir_b, name="adapter_model.safetensors", tol=0.0) -> None:
-    a, b = load_file(str(dir_a / name)), load_file(str(dir_b / name))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=tol, msg=k)
+    assert_same_tensors(load_file(str(dir_a / name)), load_file(str(dir_b / name)), tol)
 
 
 # --- (a) every method and task learns ---------------------------------------------------------

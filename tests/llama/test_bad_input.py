@@ -21,7 +21,7 @@ from llama.errors import LlamaInputError
 from llama.generation import Llama
 from llama.tiny import random_model
 from llama.tokenizer import Tokenizer
-from tests.utils import ROOT, tiny_args
+from tests.utils import ROOT, meta_state_to_hf, tiny_args
 
 ST = "consolidated.00.safetensors"
 PTH = "consolidated.00.pth"
@@ -53,30 +53,10 @@ def to_meta(d: Path) -> Path:
 
 
 def to_hf(d: Path) -> Path:
-    """Turn our format into HF's: config.json + model.safetensors, HF names, q/k rows permuted."""
+    """Turn our format into HF's: config.json + model.safetensors, HF names, q/k rows permuted
+    (the tests' own converter, tests/utils.py)."""
     args = read_model_args(d)
-    sd = load_file(str(d / ST))
-    names = {
-        "tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-        "output.weight": "lm_head.weight",
-    }
-    sub = {
-        "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-        "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    }
-    out = {}
-    for key, t in sd.items():
-        if key in names:
-            out[names[key]] = t
-            continue
-        _, i, rest = key.split(".", 2)
-        module = rest.rsplit(".", 1)[0]
-        if module in ("attention.wq", "attention.wk"):  # Meta -> HF: interleaved pairs -> halves
-            n = args.n_heads if module == "attention.wq" else args.n_kv_heads
-            hd = args.head_dim
-            t = t.view(n, hd // 2, 2, args.dim).transpose(1, 2).reshape(n * hd, args.dim)
-        out[f"model.layers.{i}.{sub[module]}.weight"] = t.contiguous()
+    out = meta_state_to_hf(load_file(str(d / ST)), args.n_layers, args.n_heads, args.n_kv_heads)
     save_file(out, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",

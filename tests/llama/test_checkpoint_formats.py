@@ -1,8 +1,9 @@
 """The same weights in every on-disk format load to identical tensors and logits.
 
-One random Meta-layout state dict is written, by this file's own code (from REFERENCE.md), as:
-Meta single `.pth`, Meta 2-shard `.pth` (fairscale split), our safetensors (via save_checkpoint),
-HF single safetensors, HF sharded safetensors with an index, and HF `pytorch_model.bin`.
+One random Meta-layout state dict is written, by the tests' own code (tests/utils.py, from
+REFERENCE.md), as: Meta single `.pth`, Meta 2-shard `.pth` (fairscale split), our safetensors
+(via save_checkpoint), HF single safetensors, HF sharded safetensors with an index, and HF
+`pytorch_model.bin`.
 """
 import json
 import math
@@ -15,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from llama.checkpoint import detect_format, load_model, read_model_args, save_checkpoint  # noqa: E402
 from llama.errors import LlamaInputError  # noqa: E402
-from tests.utils import meta_to_hf_rows  # noqa: E402
+from tests.utils import chunk_state, meta_state_to_hf  # noqa: E402
 
 DIM, N_LAYERS, N_HEADS, N_KV_HEADS, VOCAB = 64, 2, 4, 2, 384
 MULTIPLE_OF, HIDDEN = 32, 192  # Meta's rule: int(2 * 4 * 64 / 3) = 170, rounded up to 32 -> 192
@@ -25,12 +26,6 @@ NORM_EPS, ROPE_THETA = 1e-5, 10000.0
 PARAMS = {
     "dim": DIM, "n_layers": N_LAYERS, "n_heads": N_HEADS, "n_kv_heads": N_KV_HEADS,
     "vocab_size": VOCAB, "multiple_of": MULTIPLE_OF, "norm_eps": NORM_EPS, "rope_theta": ROPE_THETA,
-}
-
-# fairscale's split dims (REFERENCE.md): column-parallel on dim 0, row-parallel on dim 1,
-# tok_embeddings (LLaMA-1/2) on dim 1, norms replicated.
-SPLIT = {
-    "tok_embeddings": 1, "output": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1,
 }
 
 
@@ -62,42 +57,6 @@ def random_meta_state(seed: int = 0) -> dict:
     return state
 
 
-def split_dim_of(key: str):
-    return SPLIT.get(key.split(".")[-2])
-
-
-def split_state(state: dict, n: int) -> list[dict]:
-    shards = [{} for _ in range(n)]
-    for key, t in state.items():
-        dim = split_dim_of(key)
-        parts = [t] * n if dim is None else list(torch.chunk(t, n, dim=dim))
-        for shard, part in zip(shards, parts):
-            shard[key] = part.clone()
-    return shards
-
-
-
-
-def meta_to_hf_state(state: dict) -> dict:
-    hf = {
-        "model.embed_tokens.weight": state["tok_embeddings.weight"],
-        "model.norm.weight": state["norm.weight"],
-        "lm_head.weight": state["output.weight"],
-    }
-    names = {"wv": "self_attn.v_proj", "wo": "self_attn.o_proj", "w1": "mlp.gate_proj",
-             "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
-    for i in range(N_LAYERS):
-        m, h = f"layers.{i}.", f"model.layers.{i}."
-        hf[h + "self_attn.q_proj.weight"] = meta_to_hf_rows(state[m + "attention.wq.weight"], N_HEADS)
-        hf[h + "self_attn.k_proj.weight"] = meta_to_hf_rows(state[m + "attention.wk.weight"], N_KV_HEADS)
-        for ours, theirs in names.items():
-            sub = "attention" if ours in ("wv", "wo") else "feed_forward"
-            hf[h + theirs + ".weight"] = state[f"{m}{sub}.{ours}.weight"]
-        hf[h + "input_layernorm.weight"] = state[m + "attention_norm.weight"]
-        hf[h + "post_attention_layernorm.weight"] = state[m + "ffn_norm.weight"]
-    return {k: v.clone().contiguous() for k, v in hf.items()}
-
-
 def hf_config() -> LlamaConfig:
     return LlamaConfig(
         hidden_size=DIM, intermediate_size=HIDDEN, num_hidden_layers=N_LAYERS, num_attention_heads=N_HEADS,
@@ -108,7 +67,8 @@ def hf_config() -> LlamaConfig:
 
 def hf_model_from(state: dict) -> LlamaForCausalLM:
     model = LlamaForCausalLM(hf_config()).float()
-    missing, unexpected = model.load_state_dict(meta_to_hf_state(state), strict=False)
+    hf_state = meta_state_to_hf(state, N_LAYERS, N_HEADS, N_KV_HEADS)
+    missing, unexpected = model.load_state_dict(hf_state, strict=False)
     assert not unexpected and all("rotary_emb" in k for k in missing), (missing, unexpected)
     return model.eval()
 
@@ -140,7 +100,7 @@ def dirs(meta_state, hf_model, tmp_path_factory):
 
     # Meta, two model-parallel shards
     (out["meta_2shard"] / "params.json").write_text(json.dumps(PARAMS))
-    for rank, shard in enumerate(split_state(meta_state, 2)):
+    for rank, shard in enumerate(chunk_state(meta_state, 2)):
         torch.save(shard, out["meta_2shard"] / f"consolidated.{rank:02d}.pth")
 
     # ours: save_checkpoint of the model loaded from the Meta file
@@ -149,14 +109,15 @@ def dirs(meta_state, hf_model, tmp_path_factory):
     from safetensors.torch import save_file
 
     (out["ours_2shard"] / "params.json").write_text(json.dumps(PARAMS))
-    for rank, shard in enumerate(split_state(meta_state, 2)):
+    for rank, shard in enumerate(chunk_state(meta_state, 2)):
         save_file(shard, str(out["ours_2shard"] / f"consolidated.{rank:02d}.safetensors"))
 
     # HF: single safetensors, sharded safetensors with an index, and pytorch_model.bin
     hf_model.save_pretrained(out["hf"])
     hf_model.save_pretrained(out["hf_sharded"], max_shard_size="40KB")
     hf_model.config.save_pretrained(out["hf_bin"])
-    torch.save(meta_to_hf_state(meta_state), out["hf_bin"] / "pytorch_model.bin")
+    hf_state = meta_state_to_hf(meta_state, N_LAYERS, N_HEADS, N_KV_HEADS)
+    torch.save(hf_state, out["hf_bin"] / "pytorch_model.bin")
     return out
 
 

@@ -21,7 +21,8 @@ from llama.model import Transformer, apply_rope, attention_mask  # noqa: E402
 from llama.parallel import Linear, column_linear, linear, row_linear  # noqa: E402
 from llama.tokenizer import Tokenizer  # noqa: E402
 from tests.utils import (  # noqa: E402
-    CASES, TOL_CACHE, VOCAB, build_hf_model, load_ours, max_diff, random_tokens, tiny_args, write_meta_checkpoint,
+    CASES, TOL_CACHE, VOCAB, CountCalls, build_hf_model, load_ours, max_diff, random_tokens, rel_err, tiny_args,
+    write_meta_checkpoint,
 )
 
 TOL_LINEAR = 1e-6  # relative error of the float32 product against float64
@@ -40,32 +41,6 @@ def num_threads(n: int):
         yield
     finally:
         torch.set_num_threads(old)
-
-
-class CountCalls(torch.overrides.TorchFunctionMode):
-    """Records the torch functions called inside the block (and SDPA's mask arguments)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-        self.sdpa: list[tuple[bool, bool]] = []  # (attn_mask is None, is_causal) per call
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", str(func))
-        self.names.append(name)
-        if name == "scaled_dot_product_attention":
-            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-            self.sdpa.append((mask is None, bool(kwargs.get("is_causal", False))))
-        return func(*args, **kwargs)
-
-    def count(self, name: str) -> int:
-        return self.names.count(name)
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    assert got.shape == ref.shape, (got.shape, ref.shape)
-    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def ref_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

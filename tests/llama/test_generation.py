@@ -3,17 +3,13 @@ import pytest
 import torch
 
 from llama.generation import Llama, sample
-from llama.tiny import random_model
 from llama.tokenizer import Tokenizer
-from tests.utils import tiny_args
+from tests.utils import peaked_random_model, tiny_args
 
 
 def make_llama(tokenizer_path, n_kv_heads=4, max_batch_size=4, max_seq_len=64) -> Llama:
-    model = random_model(tiny_args(n_kv_heads=n_kv_heads), seed=1)
-    with torch.no_grad():  # larger weights than init: peaked logits, varied greedy tokens
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(std=0.15)
+    # larger weights than init: peaked logits, varied greedy tokens
+    model = peaked_random_model(tiny_args(n_kv_heads=n_kv_heads), seed=1, std=0.15)
     model.eval().setup_caches(max_batch_size, max_seq_len)
     return Llama(model, Tokenizer(tokenizer_path), max_seq_len, max_batch_size)
 

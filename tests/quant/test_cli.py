@@ -7,7 +7,6 @@ The success paths, --help and one error run as subprocesses; the other error cas
 quant.__main__.main(argv) in-process (its return value is the exit status: `sys.exit(main())`)
 to keep this file's runtime down.
 """
-import os
 import re
 import shutil
 import subprocess
@@ -22,18 +21,15 @@ from llama.tiny import corpus, random_model
 from quant.__main__ import main
 from quant.checkpoint import load_base
 from quant.linear import Int4Linear
-from tests.utils import HF_LAYER_NAMES, dequant64, hf_to_meta_rows, tiny_args, unpack_all
+from tests.utils import HF_LAYER_NAMES, dequant64, hf_to_meta_rows, run, tiny_args, unpack_all
 
-ROOT = Path(__file__).resolve().parents[2]
 N_HEADS, N_KV_HEADS = 4, 2
 FLAGS = ["--ckpt_dir", "--out", "--method", "--group_size", "--act_order", "--sym", "--calib", "--n_samples",
          "--seq_len", "--damp", "--tokenizer_path"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "quant", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300, env=env)
+    return run([sys.executable, "-m", "quant", *args], timeout=300)
 
 
 def error_lines(stderr: str) -> list[str]:

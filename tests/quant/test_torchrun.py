@@ -7,23 +7,21 @@ which divides the local input width of the row-parallel layers (wo: 64, w2: 192 
 every feature count is a multiple of 8. For NF4 the row-parallel local widths are multiples of
 bitsandbytes' block of 64, so each shard's blocks are blocks of the whole weight (see
 test_nf4_shards_quantize_like_slices_of_the_whole for what differs anyway, and why)."""
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune.config import TrainConfig
-from finetune.trainer import train
 from llama.checkpoint import load_model, read_model_args, save_checkpoint
 from llama.tiny import random_model
 from quant.linear import NF4Linear
-from tests.utils import ROOT, metrics_by_step as metrics, tiny_args
+from tests.utils import (
+    DEMO_EVAL, DEMO_TRAIN, fs_dim, merge_shards, metrics_by_step as metrics, nf4_dequant, one_process, run,
+    tiny_args, torchrun,
+)
 
-DEMO_TRAIN, DEMO_EVAL = ROOT / "data" / "demo" / "train.jsonl", ROOT / "data" / "demo" / "eval.jsonl"
 ARGS = dict(dim=128, n_heads=4, n_kv_heads=2, multiple_of=64)
 GROUP = 32
 
@@ -34,26 +32,6 @@ COMMON = dict(dtype="float32", device="cpu", method="lora", task="sft", train_fi
               quant_group_size=GROUP)
 # adam_eps 1e-6 as in tests/finetune/test_torchrun.py: float32 summation-order noise on a ~0
 # gradient must not turn into an lr-sized update
-
-
-def run(cmd, timeout=400):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-
-
-def torchrun(ckpt, out_dir, **kw):
-    values = {**COMMON, "ckpt_dir": str(ckpt), "out_dir": str(out_dir), **kw}
-    flags = [x for k, v in values.items() for x in (f"--{k}", ",".join(map(str, v)) if isinstance(v, list) else str(v))]
-    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                  ROOT / "ft_main.py"] + flags)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def one_process(ckpt, out_dir, **kw) -> dict:
-    return train(TrainConfig(**{**COMMON, "ckpt_dir": str(ckpt), "out_dir": str(out_dir), **kw}).check())
-
-
 
 
 def worst_difference(got_dir, want_dir, names=("loss", "grad_norm", "eval_loss")) -> float:
@@ -83,24 +61,17 @@ def ckpts(tmp_path_factory, tokenizer_path):
     save_checkpoint(random_model(tiny_args(**ARGS), seed=5), whole)
     shutil.copy(tokenizer_path, whole / "tokenizer.model")
     split, gptq = root / "tp2", root / "int4"
-    result = run([sys.executable, "split_model.py", "--n", "2", "--ckpt_dir", whole, "--out", split, "--quiet"])
+    result = run([sys.executable, "split_model.py", "--n", "2", "--ckpt_dir", whole, "--out", split, "--quiet"],
+                 timeout=400)
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in split.glob("consolidated.*")) == ["consolidated.00.safetensors",
                                                                      "consolidated.01.safetensors"]
     if not (split / "tokenizer.model").is_file():
         shutil.copy(tokenizer_path, split / "tokenizer.model")
     result = run([sys.executable, "-m", "quant", "--ckpt_dir", whole, "--method", "rtn", "--group_size", GROUP,
-                  "--out", gptq])
+                  "--out", gptq], timeout=400)
     assert result.returncode == 0, result.stderr
     return whole, split, gptq
-
-
-def nf4_dequant(layer: NF4Linear) -> torch.Tensor:
-    """bitsandbytes' own dequantization of the layer's packed NF4 weight."""
-    import bitsandbytes.functional as bnbf
-
-    w = layer.inner.weight
-    return bnbf.dequantize_4bit(w.data, w.quant_state).float()
 
 
 def test_nf4_shards_quantize_like_slices_of_the_whole():
@@ -148,22 +119,6 @@ def test_nf4_shards_quantize_like_slices_of_the_whole():
 # unsplit checkpoint, the losses agree within 1e-3 (measured 6e-5; grad norms differ by up to
 # 2e-3 and the adapters by up to 3e-2, Adam amplifying the small gradient differences, so those
 # are not compared there).
-COLUMN, ROW = ("wq", "wk", "wv", "w1", "w3"), ("wo", "w2")
-
-
-def merge_shards(folder) -> dict:
-    """Our fairscale-layout shards -> whole tensors (written here, independently of the package)."""
-    parts = [load_file(str(folder / f"consolidated.{r:02d}.safetensors")) for r in range(2)]
-    whole = {}
-    for key in parts[0]:
-        name = key.split(".")[-2]
-        dim = 0 if name in COLUMN + ("output",) else 1 if name in ROW + ("tok_embeddings",) else None
-        whole[key] = parts[0][key] if dim is None else torch.cat([p[key] for p in parts], dim)
-        if dim is None:
-            torch.testing.assert_close(parts[1][key], parts[0][key], rtol=0, atol=0)
-    return whole
-
-
 def nf4_of_shards(whole, split, out):
     """A float checkpoint of `whole` whose block linears hold the NF4 weights of split's shards."""
     model = load_model(whole, read_model_args(whole))
@@ -171,10 +126,10 @@ def nf4_of_shards(whole, split, out):
     state = model.state_dict()
     replaced = 0
     for key in state:
-        name = key.split(".")[-2]
-        if key.startswith("layers.") and name in COLUMN + ROW:
+        dim = fs_dim(key)
+        if key.startswith("layers.") and dim is not None:  # the block linears
             parts = [nf4_dequant(NF4Linear(s[key])) for s in shards]
-            state[key] = torch.cat(parts, dim=0 if name in COLUMN else 1)
+            state[key] = torch.cat(parts, dim=dim)
             assert (state[key] - model.state_dict()[key]).abs().max() > 0
             replaced += 1
     assert replaced == 7 * model.args.n_layers
@@ -196,9 +151,9 @@ def test_tensor_parallel_lora_on_a_quantized_base_matches_one_process(ckpts, tmp
     whole, split, _ = ckpts
     tp = tmp_path / "tp"
     merge = quant == "int4"
-    result = torchrun(split, tp, quant=quant, micro_batch_size=4, merge=merge)
+    result = torchrun(COMMON, split, tp, timeout=400, quant=quant, micro_batch_size=4, merge=merge)
     assert "tensor-parallel 2 x data-parallel 1" in result.stdout
-    one_process(whole, tmp_path / "one", quant=quant, micro_batch_size=4, merge=merge)
+    one_process(COMMON, whole, tmp_path / "one", quant=quant, micro_batch_size=4, merge=merge)
     if quant == "int4":
         assert_close_runs(tp, tmp_path / "one", 1e-4, adapter_tol=3e-5)
         # merge = true under tensor parallelism: each rank exports its dequantized shard + its
@@ -213,13 +168,13 @@ def test_tensor_parallel_lora_on_a_quantized_base_matches_one_process(ckpts, tmp
         # ... and both trained on int4, not on the float weights: step 1 (the base on the first
         # batch, LoRA B starting at zero) is well outside that tolerance from a float base's
         # (measured: loss 1.6e-3, grad norm 5.5e-2 relative)
-        one_process(whole, tmp_path / "float", quant="none", micro_batch_size=4, max_steps=1)
+        one_process(COMMON, whole, tmp_path / "float", quant="none", micro_batch_size=4, max_steps=1)
         got, fp = metrics(tp)[(1, "train")], metrics(tmp_path / "float")[(1, "train")]
         assert abs(got["loss"] - fp["loss"]) > 5e-4 * fp["loss"], (got, fp)
         assert abs(got["grad_norm"] - fp["grad_norm"]) > 1e-2 * fp["grad_norm"], (got, fp)
     else:
         reference = nf4_of_shards(whole, split, tmp_path / "nf4_of_shards")
-        one_process(reference, tmp_path / "one_float", quant="none", micro_batch_size=4)
+        one_process(COMMON, reference, tmp_path / "one_float", quant="none", micro_batch_size=4)
         assert_close_runs(tp, tmp_path / "one_float", 1e-4, adapter_tol=3e-5)
         assert_close_runs(tp, tmp_path / "one", 1e-3, names=("loss", "eval_loss"))
     losses = [r["loss"] for k, r in sorted(metrics(tp).items()) if k[1] == "train"]
@@ -231,7 +186,7 @@ def test_data_parallel_lora_on_a_gptq_folder_matches_one_process(ckpts, tmp_path
     process x micro-batch 4 step for step (each rank loads the same int4 weights)."""
     _, _, gptq = ckpts
     dp = tmp_path / "dp"
-    result = torchrun(gptq, dp, quant="int4", micro_batch_size=2)
+    result = torchrun(COMMON, gptq, dp, timeout=400, quant="int4", micro_batch_size=2)
     assert "tensor-parallel 1 x data-parallel 2" in result.stdout
-    one_process(gptq, tmp_path / "one", quant="int4", micro_batch_size=4)
+    one_process(COMMON, gptq, tmp_path / "one", quant="int4", micro_batch_size=4)
     assert_close_runs(dp, tmp_path / "one", 1e-5, adapter_tol=3e-5)

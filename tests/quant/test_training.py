@@ -1,15 +1,14 @@
 """LoRA on quantized bases ("peft-int4" and QLoRA): the wrapped layer and a whole model against
-float references holding the dequantized weights (our own GPTQ-layout decoder in this file for
-int4, bitsandbytes' dequantize_4bit for NF4); fine-tuning on int4 / NF4 lowers the demo eval
-loss; merge = true on an int4 base exports a float checkpoint that re-quantizes and reloads; and
-example.py generates the same text from a float checkpoint quantized on load and from the GPTQ
-folder `python -m quant --method rtn` writes of it (with and without an adapter trained on int4).
+float references holding the dequantized weights (the tests' own GPTQ-layout decoder in
+tests/utils.py for int4, bitsandbytes' dequantize_4bit for NF4); fine-tuning on int4 / NF4 lowers
+the demo eval loss; merge = true on an int4 base exports a float checkpoint that re-quantizes and
+reloads; and example.py generates the same text from a float checkpoint quantized on load and from
+the GPTQ folder `python -m quant --method rtn` writes of it (with and without an adapter trained
+on int4).
 """
 import copy
 import json
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -26,7 +25,9 @@ from llama.tiny import random_model
 from quant.checkpoint import load_base
 from quant.gptq import GPTQ, rtn
 from quant.linear import LAYER_LINEARS, Int4Linear, NF4Linear, quantize_model_
-from tests.utils import ROOT, eval_loss_of, tiny_args, trainer_config
+from tests.utils import (
+    dequant64, eval_loss_of, nf4_dequant, peft_module_name, read_metrics, run, tiny_args, trainer_config,
+)
 
 GROUP = 32  # divides every input width of tiny_args (64, and the FFN's 192)
 
@@ -35,29 +36,11 @@ GROUP = 32  # divides every input width of tiny_args (64, and the FFN's 192)
 
 
 def ref_dequant(layer: Int4Linear) -> torch.Tensor:
-    """[out, in] float64 from the layer's GPTQ tensors, decoded here from REFERENCE.md:
-    qweight [in/8, out] low nibble first along the input dim, qzeros [G, out/8] along the output
-    dim storing zero-1, W[k, n] = scales[g_idx[k], n] * (q[k, n] - (qzeros[g_idx[k], n] + 1))."""
-    qweight, qzeros = layer.qweight.to(torch.int64) & 0xFFFFFFFF, layer.qzeros.to(torch.int64) & 0xFFFFFFFF
-    words, n = qweight.shape
-    q = torch.empty(words * 8, n, dtype=torch.int64)
-    for j in range(8):
-        q[j::8] = (qweight >> (4 * j)) & 0xF
-    groups = qzeros.shape[0]
-    z = torch.empty(groups, n, dtype=torch.int64)
-    for j in range(8):
-        z[:, j::8] = ((qzeros >> (4 * j)) & 0xF) + 1
-    g = layer.g_idx.long()
-    w = layer.scales.double()[g] * (q - z[g]).double()  # [in, out]
-    return w.t().contiguous()
-
-
-def nf4_reference(layer: NF4Linear) -> torch.Tensor:
-    """bitsandbytes' own dequantization of the layer's packed NF4 weight (double quant state)."""
-    import bitsandbytes.functional as bnbf
-
-    w = layer.inner.weight
-    return bnbf.dequantize_4bit(w.data, w.quant_state).float()
+    """[out, in] float64 from the layer's GPTQ tensors, decoded by the tests' own dequant64
+    (tests/utils.py, from REFERENCE.md): qweight [in/8, out] low nibble first along the input
+    dim, qzeros [G, out/8] along the output dim storing zero-1,
+    W[k, n] = scales[g_idx[k], n] * (q[k, n] - (qzeros[g_idx[k], n] + 1))."""
+    return dequant64({p: getattr(layer, p) for p in ("qweight", "qzeros", "scales", "g_idx")})
 
 
 def float_linear(weight: torch.Tensor) -> nn.Linear:
@@ -131,7 +114,7 @@ def test_lora_on_nf4_matches_lora_on_its_dequantized_weight(shape):
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(4)) * 0.05
     base = NF4Linear(w)
     assert not [p for p in base.parameters() if p.requires_grad]
-    reference = nf4_reference(base)
+    reference = nf4_dequant(base)
     # sanity of the reference itself: NF4 is within half its widest code gap (~0.14) of each
     # block's absmax from the float weight, and not equal to it
     absmax = w.reshape(-1, 64).abs().amax(1, keepdim=True)
@@ -152,7 +135,7 @@ def test_nf4_weight_keeps_its_layout_through_an_evaluation(monkeypatch):
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(6)) * 0.05
     base = NF4Linear(w)
     packed = base.inner.weight.data.clone()
-    reference = nf4_reference(base)
+    reference = nf4_dequant(base)
     x = torch.randn(5, 128, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         evaluated = base.eval()(x)
@@ -178,7 +161,7 @@ def test_quantized_model_with_lora_matches_float_model_with_dequantized_weights(
             q = modules[f"layers.{i}.{name}"]
             assert isinstance(q, Int4Linear if quant == "int4" else NF4Linear)
             with torch.no_grad():
-                ref_modules[f"layers.{i}.{name}"].weight.copy_(ref_dequant(q) if quant == "int4" else nf4_reference(q))
+                ref_modules[f"layers.{i}.{name}"].weight.copy_(ref_dequant(q) if quant == "int4" else nf4_dequant(q))
     model.requires_grad_(False)
     reference.requires_grad_(False)
     apply_lora(model, "all-linear", 4, 8.0)
@@ -226,10 +209,6 @@ def config(ckpt, out_dir, **kw) -> TrainConfig:
     return trainer_config(ckpt, out_dir, **{"lr": 1e-2, "quant_group_size": GROUP, **kw})
 
 
-def read_metrics(out_dir) -> list[dict]:
-    return [json.loads(ln) for ln in (out_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-
-
 def dequantized_float_model(ckpt, quant: str) -> nn.Module:
     """The float model holding the weights a quant base trains on (our decoder / bnb's)."""
     args = read_model_args(ckpt)
@@ -240,7 +219,7 @@ def dequantized_float_model(ckpt, quant: str) -> nn.Module:
         for i in range(args.n_layers):
             for name in LAYER_LINEARS:
                 q = q_modules[f"layers.{i}.{name}"]
-                f_modules[f"layers.{i}.{name}"].weight.copy_(ref_dequant(q) if quant == "int4" else nf4_reference(q))
+                f_modules[f"layers.{i}.{name}"].weight.copy_(ref_dequant(q) if quant == "int4" else nf4_dequant(q))
     return float_model
 
 
@@ -270,10 +249,8 @@ def test_lora_on_a_quantized_base_lowers_eval_loss(fp16_ckpt, int4_run, tmp_path
     assert len(losses) == 30 and sum(losses[-5:]) < sum(losses[:5]) - 0.5, losses
 
 
-def run(cmd, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, *map(str, cmd)], cwd=ROOT, capture_output=True, text=True,
-                            timeout=timeout, env=env)
+def run_python(cmd, timeout=300):
+    result = run([sys.executable, *cmd], timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result
 
@@ -298,12 +275,10 @@ def test_merge_on_an_int4_base_exports_a_float_checkpoint_that_requantizes(fp16_
     # the layers whose rows need no RoPE permutation (v, o and the FFN)
     base_int4 = load_base(fp16_ckpt, args, quant="int4", group_size=GROUP)
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-    hf = {"attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj",
-          "feed_forward.w2": "mlp.down_proj", "feed_forward.w3": "mlp.up_proj"}
     modules = dict(base_int4.named_modules())
     for i in range(args.n_layers):
-        for ours, theirs in hf.items():
-            prefix = f"base_model.model.model.layers.{i}.{theirs}"
+        for ours in ("attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3"):
+            prefix = peft_module_name(f"layers.{i}.{ours}")
             delta = adapter[f"{prefix}.lora_B.weight"].double() @ adapter[f"{prefix}.lora_A.weight"].double() * (16 / 8)
             want = ref_dequant(modules[f"layers.{i}.{ours}"]) + delta
             torch.testing.assert_close(merged_state[f"layers.{i}.{ours}.weight"].double(), want, rtol=0, atol=1e-6)
@@ -320,8 +295,8 @@ def test_merge_on_an_int4_base_exports_a_float_checkpoint_that_requantizes(fp16_
 
     # re-quantized with python -m quant (RTN g32): a GPTQ folder that load_base reads as int4
     requant = tmp_path / "merged_int4"
-    run(["-m", "quant", "--ckpt_dir", merged_dir, "--method", "rtn", "--group_size", GROUP, "--out", requant,
-         "--tokenizer_path", fp16_ckpt / "tokenizer.model"])
+    run_python(["-m", "quant", "--ckpt_dir", merged_dir, "--method", "rtn", "--group_size", GROUP, "--out", requant,
+                "--tokenizer_path", fp16_ckpt / "tokenizer.model"])
     config_json = json.loads((requant / "config.json").read_text())
     assert config_json["quantization_config"]["bits"] == 4 and config_json["quantization_config"]["group_size"] == GROUP
     reloaded = load_base(requant, read_model_args(requant), quant="int4")
@@ -356,13 +331,13 @@ def test_merge_on_an_int4_base_exports_a_float_checkpoint_that_requantizes(fp16_
 def generate(ckpt, *extra) -> str:
     cmd = ["example.py", "--ckpt_dir", ckpt, "--quant", "int4", "--group_size", GROUP, "--temperature", "0",
            "--max_gen_len", "12", "--prompt", "What color is the frog?", "--prompt", "The quick robot", *extra]
-    return run(cmd).stdout
+    return run_python(cmd).stdout
 
 
 @pytest.fixture(scope="module")
 def gptq_folder(fp16_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("gptq") / "int4"
-    run(["-m", "quant", "--ckpt_dir", fp16_ckpt, "--method", "rtn", "--group_size", GROUP, "--out", out])
+    run_python(["-m", "quant", "--ckpt_dir", fp16_ckpt, "--method", "rtn", "--group_size", GROUP, "--out", out])
     return out
 
 

@@ -10,17 +10,11 @@ from collections import namedtuple
 import pytest
 
 import split.output as split_output
-from llama.checkpoint import save_checkpoint
 from llama.tiny import random_model
-from tests.utils import ROOT, run_split, tiny_args, write_meta
+from tests.utils import ROOT, random_ours, run_split, tiny_args, write_meta
 
 
 shutil_usage = namedtuple("usage", "total used free")
-
-
-def ours(tmp_path, name="src", seed=0, **overrides):
-    save_checkpoint(random_model(tiny_args(**overrides), seed=seed), tmp_path / name)
-    return tmp_path / name
 
 
 def refused(capsys, *argv) -> str:
@@ -39,13 +33,13 @@ def refused(capsys, *argv) -> str:
     ({}, 0, "--n must be a positive integer"),
 ])
 def test_n_that_does_not_divide(tmp_path, capsys, overrides, n, says):
-    src = ours(tmp_path, **overrides)
+    src = random_ours(tmp_path, **overrides)
     assert says in refused(capsys, "--n", n, "--ckpt_dir", src)
     assert not (tmp_path / f"src_fs{n}").exists()
 
 
 def test_output_folder_with_another_checkpoint(tmp_path, capsys):
-    src, other = ours(tmp_path), ours(tmp_path, "other", seed=1)
+    src, other = random_ours(tmp_path), random_ours(tmp_path, "other", seed=1)
     out = tmp_path / "out"
     assert run_split("--n", 4, "--ckpt_dir", other, "--out", out) == 0
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -63,7 +57,7 @@ def test_output_folder_with_another_checkpoint(tmp_path, capsys):
     assert "nothing to do" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     # ...but not once the source has changed
-    ours(tmp_path, "src2", seed=3)
+    random_ours(tmp_path, "src2", seed=3)
     os.replace(tmp_path / "src2" / "consolidated.00.safetensors", src / "consolidated.00.safetensors")
     assert "--overwrite" in refused(capsys, "--n", 2, "--ckpt_dir", src, "--out", out)
     # an HF folder counts as a checkpoint too; the source folder itself is never an output
@@ -91,7 +85,7 @@ def test_missing_last_shard_without_manifest(tmp_path, capsys):
 
 
 def test_missing_or_truncated_last_shard_with_manifest(tmp_path, capsys):
-    src = ours(tmp_path)
+    src = random_ours(tmp_path)
     assert run_split("--n", 4, "--ckpt_dir", src) == 0
     fs4 = tmp_path / "src_fs4"
     last = fs4 / "consolidated.03.safetensors"
@@ -111,7 +105,7 @@ def no_files_left(out) -> None:
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 def test_disk_full_mid_write_leaves_no_file(tmp_path, capsys, monkeypatch, fmt):
-    src = ours(tmp_path)
+    src = random_ours(tmp_path)
     calls = {"n": 0}
     real_write, real_save = split_output._write, split_output._save_pth
 
@@ -146,7 +140,7 @@ def test_disk_full_mid_write_leaves_no_file(tmp_path, capsys, monkeypatch, fmt):
 
 
 def test_command_line_error_is_one_line(tmp_path):
-    src = ours(tmp_path)
+    src = random_ours(tmp_path)
     result = subprocess.run([sys.executable, "split_model.py", "--n", "3", "--ckpt_dir", str(src)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
@@ -158,7 +152,7 @@ def test_command_line_error_is_one_line(tmp_path):
 
 
 def test_not_enough_free_space_is_refused_up_front(tmp_path, capsys, monkeypatch):
-    src = ours(tmp_path)
+    src = random_ours(tmp_path)
     monkeypatch.setattr(split_output.shutil, "disk_usage", lambda p: shutil_usage(total=10**9, used=10**9 - 1000, free=1000))
     assert "only 0.00 GB is free" in refused(capsys, "--n", 2, "--ckpt_dir", src, "--out", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -181,7 +175,7 @@ split_model.main(sys.argv[2:])
 
 
 def test_killed_split_leaves_no_file_that_looks_complete(tmp_path):
-    src = ours(tmp_path)
+    src = random_ours(tmp_path)
     out = tmp_path / "out"
     argv = ["--n", "2", "--ckpt_dir", str(src), "--out", str(out), "--quiet"]
     result = subprocess.run([sys.executable, "-c", KILLER, "20", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -10,9 +10,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import split.source as split_source
-from llama.checkpoint import load_model, read_model_args, save_checkpoint
+from llama.checkpoint import load_model, read_model_args
 from llama.tiny import random_model
-from tests.utils import assert_same_state, chunk_state, load_dir, run_split, tiny_args, write_meta
+from tests.utils import assert_same_state, chunk_state, load_dir, random_ours, run_split, tiny_args, write_meta
 
 ST = "consolidated.00.safetensors"
 
@@ -23,15 +23,9 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(split_source, "BLOCK_BYTES", 1000)
 
 
-def ours(tmp_path, name="src", dtype=torch.float32, seed=0, **overrides):
-    model = random_model(tiny_args(**overrides), seed=seed).to(dtype)
-    save_checkpoint(model, tmp_path / name)
-    return tmp_path / name
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_round_trip_1_4_2_1_is_bitwise(tmp_path, dtype):
-    src = ours(tmp_path, dtype=dtype, n_kv_heads=4)
+    src = random_ours(tmp_path, dtype=dtype, n_kv_heads=4)
     original = load_file(str(src / ST))
     assert run_split("--n", 4, "--ckpt_dir", src) == 0
     assert run_split("--n", 2, "--ckpt_dir", tmp_path / "src_fs4") == 0
@@ -45,7 +39,7 @@ def test_round_trip_1_4_2_1_is_bitwise(tmp_path, dtype):
 
 
 def test_shards_are_torch_chunk_of_the_original_gqa(tmp_path):
-    src = ours(tmp_path, n_kv_heads=2)
+    src = random_ours(tmp_path, n_kv_heads=2)
     original = load_file(str(src / ST))
     assert run_split("--n", 2, "--ckpt_dir", src, "--out", tmp_path / "two") == 0
     shards = load_dir(tmp_path / "two")
@@ -64,7 +58,7 @@ def test_shards_are_torch_chunk_of_the_original_gqa(tmp_path):
 
 
 def test_manifest_records_every_file(tmp_path, tokenizer_path):
-    src = ours(tmp_path)
+    src = random_ours(tmp_path)
     (src / "tokenizer.model").write_bytes(tokenizer_path.read_bytes())
     assert run_split("--n", 2, "--ckpt_dir", src) == 0
     out = tmp_path / "src_fs2"
@@ -91,7 +85,7 @@ def test_meta_pth_sources_with_any_shard_count(tmp_path, m, n):
 
 
 def test_pth_output_loads_with_plain_torch_load(tmp_path):
-    src = ours(tmp_path, n_kv_heads=2)
+    src = random_ours(tmp_path, n_kv_heads=2)
     original = load_file(str(src / ST))
     assert run_split("--n", 2, "--ckpt_dir", src, "--format", "pth") == 0
     out = tmp_path / "src_fs2"

@@ -1,40 +1,22 @@
 """`torchrun --nproc_per_node N example.py` on split checkpoints (gloo, CPU) prints what one
 process prints on the original: MHA split into 2 and 4, GQA (n_kv_heads 2) split into 2."""
-import os
 import shutil
-import subprocess
 import sys
 
 import pytest
-import torch
 
 from llama.checkpoint import save_checkpoint
-from llama.tiny import random_model
 from split.reshard import split_checkpoint
-from tests.utils import ROOT, tiny_args
-
-PROMPTS = ["The red cat", "What is 12 plus 30? The answer", "hi"]
-
-
-def prompt_flags():
-    return [f for p in PROMPTS for f in ("--prompt", p)] + ["--temperature", "0", "--max_gen_len", "16"]
-
-
-def run(cmd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+from tests.utils import PROMPTS, peaked_random_model, prompt_flags, run, tiny_args
 
 
 def source(tmp_path_factory, tokenizer_path, n_kv_heads):
     d = tmp_path_factory.mktemp(f"kv{n_kv_heads}") / "src"
-    model = random_model(tiny_args(n_kv_heads=n_kv_heads), seed=3)
-    with torch.no_grad():  # larger weights than the default, so greedy text is not one repeated token
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(std=0.15)
+    # larger weights than the default, so greedy text is not one repeated token
+    model = peaked_random_model(tiny_args(n_kv_heads=n_kv_heads), seed=3, std=0.15)
     save_checkpoint(model, d)
     shutil.copy(tokenizer_path, d / "tokenizer.model")
-    single = run([sys.executable, "example.py", "--ckpt_dir", str(d)] + prompt_flags())
+    single = run([sys.executable, "example.py", "--ckpt_dir", str(d)] + prompt_flags(), timeout=240)
     assert single.returncode == 0, single.stderr
     return d, single.stdout.splitlines()
 
@@ -55,7 +37,7 @@ def test_torchrun_on_split_checkpoint_prints_what_one_process_prints(request, ca
     out, _ = split_checkpoint(src, n, progress=False)
     assert len(list(out.glob("consolidated.*.safetensors"))) == n
     got = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-               "example.py", "--ckpt_dir", str(out)] + prompt_flags())
+               "example.py", "--ckpt_dir", str(out)] + prompt_flags(), timeout=240)
     assert got.returncode == 0, got.stderr
     lines = [ln for ln in got.stdout.splitlines() if not ln.startswith("> initializing")]
     assert lines == want
