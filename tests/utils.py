@@ -2,7 +2,7 @@
 the small runners several test files use.
 
 The converters, writers and decoders here (HF names and q/k rows, Meta shards, the GPTQ layout)
-are the tests' own references, written from REFERENCE.md and independent of the package's own
+are the tests' own references, written from docs/formats.md and independent of the package's own
 converters (llama/checkpoint.py, split/, quant/pack.py): the tests compare the package against
 them, so they must not call what they check.
 
@@ -64,9 +64,9 @@ def peaked_random_model(args, seed: int, std: float) -> Transformer:
     return model
 
 
-# --- HF names and the q/k row permutation (REFERENCE.md, "HF LLaMA checkpoints") ------------------
+# --- HF names and the q/k row permutation (docs/formats.md, "HF LLaMA checkpoints") ---------------
 
-# HF LlamaForCausalLM's names for our per-layer weights, written from REFERENCE.md for the tests'
+# HF LlamaForCausalLM's names for our per-layer weights, written from docs/formats.md for the tests'
 # own converters (independent of llama/checkpoint.py's table)
 HF_LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
@@ -80,7 +80,7 @@ ALL_HF = list(HF_NAME.values())
 
 def meta_to_hf_rows(w, n_heads: int):
     """Meta q/k rows (rotate interleaved pairs) -> HF rows (rotate halves), per head, as
-    REFERENCE.md writes it: the tests' own converter, independent of llama/checkpoint.py."""
+    docs/formats.md writes it: the tests' own converter, independent of llama/checkpoint.py."""
     hd = w.shape[0] // n_heads
     return w.reshape(n_heads, hd // 2, 2, -1).transpose(1, 2).reshape(w.shape)
 
@@ -183,7 +183,7 @@ CASES = [
 
 
 def meta_ffn_hidden(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
-    """Meta's FFN width rule, as stated in REFERENCE.md."""
+    """Meta's FFN width rule, as stated in docs/formats.md."""
     hidden = int(2 * 4 * dim / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
@@ -286,7 +286,7 @@ def hf_from_ours(model: Transformer) -> LlamaForCausalLM:
     return hf.eval()
 
 
-# --- Meta's model-parallel shards (REFERENCE.md: fairscale's split dims) --------------------------
+# --- Meta's model-parallel shards (docs/formats.md: fairscale's split dims) -----------------------
 
 COLUMN, ROW = ("wq", "wk", "wv", "w1", "w3", "output"), ("wo", "w2", "tok_embeddings")
 
@@ -364,7 +364,7 @@ def assert_same_state(got: dict, want: dict) -> None:
         assert torch.equal(got[key], want[key]), key
 
 
-# --- GPTQ int4 layout, in torch (REFERENCE.md, "GPTQ int4 layout") --------------------------------
+# --- GPTQ int4 layout, in torch (docs/formats.md, "GPTQ int4 layout") -----------------------------
 
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int64)  # element j of a word at bits 4j..4j+3
 
@@ -408,7 +408,7 @@ def unpack_all(t) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def dequant64(t) -> torch.Tensor:
-    """float64 W [out, in] (nn.Linear orientation) by REFERENCE.md's formula."""
+    """float64 W [out, in] (nn.Linear orientation) by docs/formats.md's formula."""
     q, zeros, scales, g = unpack_all(t)
     return (scales[g] * (q - zeros[g]).double()).t()
 
@@ -455,7 +455,7 @@ def gptq_unpack(t: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def ref_dequant(t: dict) -> torch.Tensor:
-    """float64 W [out, in] (nn.Linear orientation) by REFERENCE.md's formula, element by element
+    """float64 W [out, in] (nn.Linear orientation) by docs/formats.md's formula, element by element
     through numpy fancy indexing."""
     q, z = gptq_unpack(t)
     s = t["scales"].to(torch.float64).numpy()

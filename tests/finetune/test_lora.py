@@ -2,7 +2,7 @@
 
 PEFT runs on HF's LlamaForCausalLM; ours on our Transformer with the same weights, converted by
 the tests' own converter in tests/utils.py (q/k rows go from Meta's interleaved RoPE layout to
-HF's half rotation per head, as REFERENCE.md states). Adapter A/B values are copied from PEFT
+HF's half rotation per head, as docs/formats.md states). Adapter A/B values are copied from PEFT
 into ours, so outputs and gradients must agree; the export test goes the other way (our saved
 folder into PEFT).
 """

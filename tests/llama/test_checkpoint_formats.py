@@ -1,7 +1,7 @@
 """The same weights in every on-disk format load to identical tensors and logits.
 
 One random Meta-layout state dict is written, by the tests' own code (tests/utils.py, from
-REFERENCE.md), as: Meta single `.pth`, Meta 2-shard `.pth` (fairscale split), our safetensors
+docs/formats.md), as: Meta single `.pth`, Meta 2-shard `.pth` (fairscale split), our safetensors
 (via save_checkpoint), HF single safetensors, HF sharded safetensors with an index, and HF
 `pytorch_model.bin`.
 """

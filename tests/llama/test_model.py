@@ -1,7 +1,7 @@
 """Our model, loaded through `llama.checkpoint`, against HF transformers' LlamaForCausalLM.
 
 Each case builds a tiny random HF model, saves it in HF format (safetensors) and, with the
-tests' own converter (tests/utils.py, written from REFERENCE.md, not from our loader), in Meta
+tests' own converter (tests/utils.py, written from docs/formats.md, not from our loader), in Meta
 format (`params.json` + `consolidated.00.pth`). Both folders are loaded with our loader and their
 logits compared to HF's. The KV-cache tests compare incremental decoding to a full forward.
 """

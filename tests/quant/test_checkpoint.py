@@ -1,5 +1,5 @@
 """GPTQ int4 folders: quant.checkpoint.save_int4 / load_int4 / load_base, against folders and
-float references written by the tests, from REFERENCE.md ("GPTQ int4 layout") only:
+float references written by the tests, from docs/formats.md ("GPTQ int4 layout") only:
 
     qweight int32 [in/8, out]     element j of a word at bits 4j..4j+3 (low nibble first)
     qzeros  int32 [G, out/8]      zero-1, packed along the output dim
@@ -84,7 +84,7 @@ QUANT_CONFIG = {"bits": 4, "group_size": GROUP, "desc_act": True, "sym": False, 
 
 def write_gptq_folder(folder: Path, seed: int = 0, act_order_layers=(1,), style: str = "hf",
                       drop: tuple = (), replace: dict | None = None) -> tuple[dict, dict]:
-    """An AutoGPTQ-style folder written from REFERENCE.md. Layers in act_order_layers (and layer
+    """An AutoGPTQ-style folder written from docs/formats.md. Layers in act_order_layers (and layer
     0's q_proj) get act-order g_idx. style "hf": quantization_config inside config.json;
     "autogptq": a separate quantize_config.json. Returns (Meta-layout float32 state for
     llama.model.Transformer, HF-layout float32 state for LlamaForCausalLM), both the float64

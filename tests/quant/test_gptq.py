@@ -1,5 +1,5 @@
 """quant.gptq: round-to-nearest and GPTQ, checked through the test's own unpacker/dequantizer
-(tests/utils.py, written from REFERENCE.md) and float64 arithmetic:
+(tests/utils.py, written from docs/formats.md) and float64 arithmetic:
 
 - rtn: every weight dequantizes to the nearest point of its group's 16-point grid, within half
   a step of the float weight wherever the grid reaches (clamping only at the grid's ends); zero
@@ -42,7 +42,7 @@ def rtn_weight(out_features=24, in_features=128, seed=0) -> torch.Tensor:
 
 
 def check_rtn(w: torch.Tensor, packed, group_size: int, sym: bool) -> dict:
-    """Everything REFERENCE.md's layout and round-to-nearest imply; returns measurements."""
+    """Everything docs/formats.md's layout and round-to-nearest imply; returns measurements."""
     out_features, in_features = w.shape
     size = in_features if group_size == -1 else group_size
     q, zeros, scales, g = unpack_all(packed)

@@ -1,4 +1,4 @@
-"""quant.pack against an independent GPTQ-layout writer/reader written from REFERENCE.md
+"""quant.pack against an independent GPTQ-layout writer/reader written from docs/formats.md
 ("GPTQ int4 layout"): pure numpy bit operations, low nibble first, qzeros = zero-1 packed along
 the output dim, the top nibble wrapping into the int32 sign bit.
 

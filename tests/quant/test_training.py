@@ -37,7 +37,7 @@ GROUP = 32  # divides every input width of tiny_args (64, and the FFN's 192)
 
 def ref_dequant(layer: Int4Linear) -> torch.Tensor:
     """[out, in] float64 from the layer's GPTQ tensors, decoded by the tests' own dequant64
-    (tests/utils.py, from REFERENCE.md): qweight [in/8, out] low nibble first along the input
+    (tests/utils.py, from docs/formats.md): qweight [in/8, out] low nibble first along the input
     dim, qzeros [G, out/8] along the output dim storing zero-1,
     W[k, n] = scales[g_idx[k], n] * (q[k, n] - (qzeros[g_idx[k], n] + 1))."""
     return dequant64({p: getattr(layer, p) for p in ("qweight", "qzeros", "scales", "g_idx")})
