@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-from functools import partial
 from pathlib import Path
 
 from llama.errors import LlamaInputError
@@ -85,15 +84,15 @@ def main(argv=None) -> int:
 
     from finetune.data import prompt_for
     from llama.generation import Llama  # after argument parsing, so --help is instant
-    from llama.parallel import shutdown_model_parallel
-    from quant.checkpoint import load_base
+    from llama.distributed import shutdown_model_parallel
+    import quant  # noqa: F401  (registers the int4/NF4 formats and quantizers)
 
     try:
         prompts = read_prompts(args)
         generator = Llama.build(
             args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
             dtype=args.dtype, device=args.device, seed=args.seed, devices=args.devices,
-            loader=partial(load_base, quant=args.quant, group_size=args.group_size), compile=args.compile,
+            quant=args.quant, group_size=args.group_size, compile=args.compile,
         )
         template = None
         if args.adapter:

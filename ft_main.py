@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from finetune.config import load_config
     from finetune.trainer import TrainingDiverged, train
-    from llama.parallel import shutdown_model_parallel
+    from llama.distributed import shutdown_model_parallel
 
     try:
         cfg = load_config(argv, default_config=None if "--config" in argv else DEMO_CONFIG)

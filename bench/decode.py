@@ -24,7 +24,9 @@ import torch
 
 from common import BENCH_58M, append_row, gpu_ceilings, median, timed, write_hf_checkpoint
 
-from llama.checkpoint import load_model, read_model_args  # noqa: E402  (common puts the repo on sys.path)
+from llama.formats import read_model_args  # noqa: E402  (common puts the repo on sys.path)
+from llama.layers import rename  # noqa: E402
+from llama.loader import load_model  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 
 
@@ -80,17 +82,8 @@ def write_gguf(ckpt: Path, path: Path) -> None:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
-    names = {"tok_embeddings": "token_embd", "norm": "output_norm", "output": "output",
-             "attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v", "attention.wo": "attn_output",
-             "feed_forward.w1": "ffn_gate", "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down",
-             "attention_norm": "attn_norm", "ffn_norm": "ffn_norm"}
     for key, tensor in state.items():
-        stem = key.removesuffix(".weight")
-        if stem.startswith("layers."):
-            _, i, rest = stem.split(".", 2)
-            name = f"blk.{i}.{names[rest]}.weight"
-        else:
-            name = f"{names[stem]}.weight"
+        name = rename(key, "meta", "gguf")
         w.add_tensor(name, tensor.numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()

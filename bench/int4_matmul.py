@@ -71,13 +71,14 @@ def build_int4_7b(device: str, shape: Optional[dict] = None):
     bf16 embeddings, norms and output, built without ever holding a float copy of a block."""
     from llama.config import ModelArgs
     from llama.model import Transformer
-    from quant.linear import Int4Linear, swap_linears
+    from llama.loader import block_linears, replace_module
+    from quant.linear import Int4Linear
 
     args = ModelArgs(**(shape or dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000)))
     with torch.device("meta"):
         model = Transformer(args)
 
-    def make(path, linear):  # random words straight into the buffers: no float or int64 temporaries
+    def make(linear):  # random words straight into the buffers: no float or int64 temporaries
         out_features, in_features = linear.weight.shape
         layer = Int4Linear(in_features, out_features, in_features // 128, 128, device=device)
         for t in (layer.qweight, layer.qzeros):
@@ -86,7 +87,9 @@ def build_int4_7b(device: str, shape: Optional[dict] = None):
         layer.g_idx.copy_(group_index(in_features, 128))
         return layer
 
-    swap_linears(model, make)
+    for block in model.layers:
+        for name, linear in block_linears(block).items():
+            replace_module(block, name, make(linear))
     for m in model.modules():  # what is left on meta: embeddings, norms, output
         if any(p.is_meta for p in m.parameters(recurse=False)):
             m.to_empty(device=device, recurse=False)

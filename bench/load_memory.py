@@ -4,7 +4,7 @@
 
 Writes a random float32 checkpoint of about --size_mb (tensor by tensor, so the writer never holds
 two copies), then for each repeat starts a fresh process that imports torch, notes its RSS
-(the baseline), runs `llama.checkpoint.load_model`, and reads the peak RSS (ru_maxrss):
+(the baseline), runs `llama.loader.load_model`, and reads the peak RSS (ru_maxrss):
 
     load_only_ratio = (peak after load_model - baseline) / bytes on disk
     peak_rss_ratio  = the same after also reading every weight once
@@ -64,43 +64,7 @@ def model_args(size_mb: float):
     return ModelArgs(dim=dim, n_layers=n_layers, n_heads=dim // HEAD_DIM, vocab_size=VOCAB, multiple_of=256)
 
 
-def meta_shapes(args) -> dict:
-    """Meta key -> shape of every weight of the model (load_model checks them all, strictly)."""
-    d, hd, f = args.dim, args.head_dim, args.ffn_hidden_dim
-    shapes = {"tok_embeddings.weight": (args.vocab_size, d)}
-    for i in range(args.n_layers):
-        shapes.update({
-            f"layers.{i}.attention.wq.weight": (args.n_heads * hd, d),
-            f"layers.{i}.attention.wk.weight": (args.n_kv_heads * hd, d),
-            f"layers.{i}.attention.wv.weight": (args.n_kv_heads * hd, d),
-            f"layers.{i}.attention.wo.weight": (d, args.n_heads * hd),
-            f"layers.{i}.feed_forward.w1.weight": (f, d),
-            f"layers.{i}.feed_forward.w2.weight": (d, f),
-            f"layers.{i}.feed_forward.w3.weight": (f, d),
-            f"layers.{i}.attention_norm.weight": (d,),
-            f"layers.{i}.ffn_norm.weight": (d,),
-        })
-    shapes.update({"norm.weight": (d,), "output.weight": (args.vocab_size, d)})
-    return shapes
-
-
 # --- writing a random checkpoint, one tensor at a time ---------------------------------------
-
-_HF_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "feed_forward.w1": "mlp.gate_proj", "feed_forward.w2": "mlp.down_proj",
-    "feed_forward.w3": "mlp.up_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-
-
-def hf_name(key: str) -> str:
-    if key in _HF_NAMES:
-        return _HF_NAMES[key]
-    _, i, rest = key.split(".", 2)
-    return f"model.layers.{i}.{_HF_NAMES[rest.rsplit('.', 1)[0]]}.weight"
-
 
 def _random(shape, gen):
     import torch
@@ -138,16 +102,18 @@ def write_checkpoint(out_dir, size_mb: float, fmt: str, seed: int = 0):
     """A random float32 checkpoint of about size_mb MiB in `fmt` (ours, meta or hf). Returns ModelArgs."""
     import torch
 
+    from llama.layers import expected_shapes, meta_to_hf_key
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     args = model_args(size_mb)
-    shapes = meta_shapes(args)
+    shapes = expected_shapes(args)
     gen = torch.Generator().manual_seed(seed)
     if fmt == "ours":
         write_safetensors_streaming(out / "consolidated.00.safetensors", shapes, gen)
         args.write_params_json(out / "params.json")
     elif fmt == "hf":
-        write_safetensors_streaming(out / "model.safetensors", {hf_name(k): s for k, s in shapes.items()}, gen)
+        write_safetensors_streaming(out / "model.safetensors", {meta_to_hf_key(k): s for k, s in shapes.items()}, gen)
         (out / "config.json").write_text(json.dumps({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
             "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim, "num_hidden_layers": args.n_layers,
@@ -198,7 +164,8 @@ def child_measure(ckpt_dir: str) -> dict:
 
     import torch
 
-    from llama.checkpoint import load_model, read_model_args
+    from llama.formats import read_model_args
+    from llama.loader import load_model
 
     gc.collect()
     baseline, maxrss_before = _rss_now(), _maxrss()

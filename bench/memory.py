@@ -14,12 +14,12 @@ draw of the embedding). Every workload reads the same folder; it is removed at t
 Each base is measured in a fresh process (`python bench/memory.py --worker KIND ...`, started by
 bench/common.run_fresh so its ru_maxrss is its own) that imports everything, notes its peak RSS
 (the baseline), then does what the trainer does (finetune/trainer.py, with TrainConfig's defaults):
-quant/checkpoint.load_base (int4: round-to-nearest, group 128, and NF4: bitsandbytes, double
+llama.loader.load_model (int4: round-to-nearest, group 128, and NF4: bitsandbytes, double
 quant, both quantized on load one block at a time), LoRA on the targets (r 8, alpha 16, dropout
 0.05, q and v by default), the trainer's AdamW (make_optimizer) on the trainable parameters, and
 --steps steps (forward, summed LM loss through TaskModel divided by its token count, backward,
 optimizer step) on random tokens, batch 1, --seq long. It prints the peak (CPU: peak RSS minus
-the baseline; GPU: max_memory_allocated, which starts at 0), the same after load_base alone, the bytes of the model's
+the baseline; GPU: max_memory_allocated, which starts at 0), the same after load_model alone, the bytes of the model's
 parameters and buffers (NF4's quantization state, about 3% of its packed weights, is not among
 them), each step's loss (about ln 32000 = 10.4: a sanity check) and seconds.
 
@@ -54,7 +54,7 @@ import torch
 
 from common import ROOT, append_row, gpu_ceilings, peak_rss_bytes, run_fresh
 from llama.config import ModelArgs
-from load_memory import meta_shapes
+from llama.layers import expected_shapes
 
 SHAPE = ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632, vocab_size=32000)
 KINDS = ("float32", "bf16", "int4", "nf4")
@@ -69,7 +69,7 @@ def write_checkpoint(out: Path, seed: int = 0) -> None:
     safetensors header first (the offsets follow from the shapes), then each tensor drawn in
     float32, rounded to bf16, written and dropped. params.json comes last, so a folder that has
     one is complete."""
-    shapes = meta_shapes(SHAPE)
+    shapes = expected_shapes(SHAPE)
     header, offset = {}, 0
     for name, shape in shapes.items():
         nbytes = 2 * math.prod(shape)
@@ -107,7 +107,7 @@ def checkpoint_dir(keep: str | None):
 
 
 def load_kwargs(kind: str, cuda: bool) -> dict:
-    """load_base's dtype and quant for a base kind; what stays float in a quantized base
+    """load_model's dtype and quant for a base kind; what stays float in a quantized base
     (embeddings, norms, output) is in the compute dtype."""
     compute = torch.bfloat16 if cuda else torch.float32
     return {"float32": {"dtype": torch.float32}, "bf16": {"dtype": torch.bfloat16},
@@ -119,10 +119,11 @@ def worker(kind: str, ckpt: str, device: str, seq: int, steps: int, targets: lis
     """Load the base, add LoRA and AdamW, train `steps` steps; the figures described at the top."""
     from finetune.config import TrainConfig
     from finetune.heads import TaskModel
-    from finetune.lora import apply_lora
+    from finetune.methods.lora import apply_lora
     from finetune.trainer import make_optimizer
-    from llama.checkpoint import read_model_args
-    from quant.checkpoint import load_base
+    import quant  # noqa: F401  (registers int4 and nf4)
+    from llama.formats import read_model_args
+    from llama.loader import load_model
 
     if kind == "nf4":
         import bitsandbytes  # noqa: F401  (loaded before the baseline: library code, not training memory)
@@ -135,7 +136,7 @@ def worker(kind: str, ckpt: str, device: str, seq: int, steps: int, targets: lis
         return torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes() - baseline
 
     start = time.perf_counter()
-    model = load_base(ckpt, read_model_args(ckpt), device=device, **load_kwargs(kind, cuda))
+    model = load_model(ckpt, read_model_args(ckpt), device=device, **load_kwargs(kind, cuda))
     load_s = time.perf_counter() - start
     load_peak = peak()
     weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])

@@ -26,10 +26,11 @@ MODEL_ARGS = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, multiple_of=256)
 
 from finetune.config import TrainConfig  # noqa: E402
 from finetune.trainer import train  # noqa: E402
-from llama.checkpoint import load_model, read_model_args, save_checkpoint  # noqa: E402
+from llama.formats import read_model_args, save_checkpoint  # noqa: E402
+from llama.loader import load_model  # noqa: E402
 from llama.config import ModelArgs  # noqa: E402
 from llama.tiny import corpus, random_model, train_tokenizer  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.tokenizers import Tokenizer  # noqa: E402
 from quant.gptq import quantize_checkpoint  # noqa: E402
 
 

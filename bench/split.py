@@ -136,7 +136,7 @@ def main(argv=None) -> None:
             rss.append(peak)
             print(f"run {i + 1}: {wall:.2f} s, peak RSS {peak:.0f} MiB", flush=True)
         # what the split process holds before touching a tensor: the interpreter, torch, our modules
-        _, baseline, _ = run_split([sys.executable, "-c", "import torch, llama.checkpoint, split.reshard"])
+        _, baseline, _ = run_split([sys.executable, "-c", "import torch, llama.formats, split.reshard"])
         largest = max(f.stat().st_size for f in out.glob("consolidated.*"))
         row = {
             "bench": "split", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),

@@ -31,7 +31,8 @@ def ours_step(ckpt: str, mode: str, dtype, device: str, tokens):
     from finetune.adapters import attach
     from finetune.config import TrainConfig
     from finetune.trainer import make_optimizer
-    from llama.checkpoint import load_model, read_model_args
+    from llama.formats import read_model_args
+    from llama.loader import load_model
 
     cfg = TrainConfig(method=mode, lora_dropout=0.0, lora_targets=["wq", "wv"], lr=1e-4)
     model = load_model(ckpt, read_model_args(ckpt), dtype, device)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from llama.errors import LlamaInputError
 from finetune.data import TEMPLATES
+from finetune.methods import METHODS
 
 
 def _key(default, help: str, group: str, **kw):
@@ -77,7 +78,7 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         choices = {
-            "method": ("lora", "prompt", "full", "freeze"), "task": ("sft", "pt", "cls", "regression"),
+            "method": tuple(METHODS), "task": ("sft", "pt", "cls", "regression"),
             "precision": ("auto", "bf16", "fp16", "fp32"), "quant": ("none", "int4", "nf4"),
             "prompt_init": ("text", "vocab", "random"), "dtype": ("auto", "bfloat16", "float16", "float32"),
             "template": TEMPLATES,
@@ -88,11 +89,14 @@ class TrainConfig:
         for key in ("micro_batch_size", "grad_accum", "cutoff_len", "keep_last"):
             if getattr(self, key) < 1:
                 raise LlamaInputError(f"{key} must be at least 1")
-        if self.quant != "none" and self.method not in ("lora", "prompt"):
-            raise LlamaInputError(f"quant = {self.quant!r} keeps the base frozen: use method lora or prompt, "
+        method = METHODS[self.method]
+        if self.quant != "none" and method.trains_base:
+            frozen = " or ".join(name for name, m in METHODS.items() if not m.trains_base)
+            raise LlamaInputError(f"quant = {self.quant!r} keeps the base frozen: use method {frozen}, "
                                   f"not {self.method!r}")
-        if self.packing and (self.method == "prompt" or self.task not in ("sft", "pt")):
-            raise LlamaInputError("packing works for sft and pt without prompt tuning")
+        if self.packing and (not method.packs or self.task not in ("sft", "pt")):
+            unpacked = ", ".join(name for name, m in METHODS.items() if not m.packs)
+            raise LlamaInputError(f"packing works for sft and pt, without method {unpacked}")
         return self
 
 

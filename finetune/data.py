@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from llama.errors import LlamaInputError
-from llama.tokenizer import Tokenizer
+from llama.tokenizers import Tokenizer
 
 IGNORE = -100
 ALPACA_PREAMBLE = {
@@ -79,7 +79,7 @@ def report(message: str, strict: bool) -> None:
     print(f"warning: skipping {message}", file=sys.stderr)
 
 
-def detect_format(row: dict) -> str:
+def detect_row_format(row: dict) -> str:
     if "conversations" in row:
         return "sharegpt"
     if "instruction" in row:
@@ -174,7 +174,7 @@ def load_examples(path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list[Exa
     rows = read_rows(path, cfg.strict)
     if not rows:
         raise LlamaInputError(f"{path}: no usable rows")
-    fmt = detect_format(rows[0][1])
+    fmt = detect_row_format(rows[0][1])
     wanted = {"sft": ("alpaca", "sharegpt"), "pt": ("text", "labelled"), "cls": ("labelled",), "regression": ("labelled",)}
     if cfg.task not in wanted:
         raise LlamaInputError(f"unknown task {cfg.task!r}; choose from sft, pt, cls, regression")

@@ -18,7 +18,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch.distributed as dist
 
-from llama.checkpoint import save_checkpoint
+from llama.formats.ours import save_checkpoint
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
 from llama.files import atomic_write_bytes

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama.cpu_linear import Linear
 from llama.model import Transformer
-from llama.parallel import Linear
-from finetune.prompt_tuning import PromptTuning
+from finetune.methods.base import base_transformer
 
 LM_TASKS = ("sft", "pt")
 SCORE_TASKS = ("cls", "regression")
@@ -102,17 +102,18 @@ class TaskModel(nn.Module):
 
     def __init__(self, model: nn.Module, task: str, head: ScoreHead | None = None):
         super().__init__()
-        self.model = model  # a Transformer or a PromptTuning around one
+        self.model = model  # a Transformer, or a method's wrapper around one (prompt tuning)
         self.task = task
         self.head = head
 
     @property
     def transformer(self) -> Transformer:
-        return self.model.model if isinstance(self.model, PromptTuning) else self.model
+        return base_transformer(self.model)
 
     def encode(self, tokens, pad_lens=None, segment_ids=None) -> torch.Tensor:
-        """tokens [batch, seq] -> final hidden states [batch, seq, dim]."""
-        if isinstance(self.model, PromptTuning):
+        """tokens [batch, seq] -> final hidden states [batch, seq, dim]. A wrapper that adds
+        inputs of its own (prompt tuning's virtual tokens) encodes them itself."""
+        if self.model is not self.transformer:
             return self.model.encode(tokens, pad_lens)
         return self.model.hidden_states(self.model.tok_embeddings(tokens), 0, pad_lens, segment_ids)
 

@@ -15,9 +15,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from llama.checkpoint import save_safetensors
 from llama.errors import LlamaInputError
-from llama.files import fsync_dir, atomic_write_bytes
+from llama.files import atomic_write_bytes, fsync_dir, save_safetensors
 
 STEP_DIR = re.compile(r"step_(\d{6,})")
 

@@ -1,4 +1,5 @@
-"""The fine-tuning loop, one code path for 1..N processes.
+"""The fine-tuning loop, one code path for 1..N processes: `train` reads top to bottom as setup,
+the step, then logging, evaluation and checkpoints, each a named function below.
 
 World layout: a checkpoint split into T shards trains tensor-parallel over groups of T ranks
 (fairscale); the W / T groups are data-parallel (DDP). One process may instead spread layers over
@@ -14,28 +15,32 @@ import json
 import math
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from llama.checkpoint import detect_format, read_model_args, save_checkpoint, shard_files
+import quant  # noqa: F401  (registers the int4 and NF4 bases and GPTQ folders with the loader)
+from llama.distributed import data_parallel_group, model_parallel_rank, setup_model_parallel
 from llama.errors import LlamaInputError
 from llama.files import atomic_write_bytes
-from llama.generation import check_vocab, find_tokenizer, parse_dtype
-from llama.parallel import (data_parallel_group, device_shares, model_parallel_rank, place_layers,
-                            resolve_devices, setup_model_parallel)
-from llama.tokenizer import Tokenizer
-from finetune.adapters import attach, merged_state_dict, save_adapter
+from llama.formats import n_shards, read_model_args, save_checkpoint
+from llama.generation import parse_dtype
+from llama.loader import load_model
+from llama.placement import device_shares, place_layers, resolve_devices
+from llama.tokenizers import Tokenizer, check_vocab, find_tokenizer
+from finetune.adapters import attach, save_trained
 from finetune.config import TrainConfig
-from finetune.data import DataConfig, collate, load_examples, micro_batch, pack
+from finetune.data import DataConfig, Example, collate, load_examples, micro_batch, pack
 from finetune.evaluate import all_reduce_sum, eval_metrics, exact_match
+from finetune.heads import TaskModel
+from finetune.methods import Method, get_method
 from finetune.plot import plot_losses
 from finetune.state import checkpoints, load_state, save_state
-from quant.checkpoint import load_base
 
 
 class TrainingDiverged(RuntimeError):
@@ -55,41 +60,107 @@ def base_dtype(dtype: str, device) -> torch.dtype:
 
 def train(cfg: TrainConfig) -> dict:
     """Run cfg to the end (or resume it). Returns the final metrics (identical on every rank)."""
-    # --- processes, model, method ------------------------------------------------------------
-    shards = 1 if detect_format(cfg.ckpt_dir) == "hf" else len(shard_files(cfg.ckpt_dir))
+    run = setup(cfg)
+    results = {}
+    if run.match_set and run.start == 0:
+        results["exact_match_before"] = match_rate(run, "before")
+    bar = tqdm(range(run.start, run.total_steps), initial=run.start, total=run.total_steps, disable=run.rank != 0,
+               desc="fine-tuning", dynamic_ncols=True, file=sys.stdout, mininterval=0.5 if sys.stdout.isatty() else 30)
+    for step in bar:
+        record = train_step(run, step)
+        # refresh=False: the bar redraws on its own interval, with its count (an immediate redraw
+        # here would show the count tqdm has not yet stored: 0/N throughout)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        refresh=False)
+        results.update(after_step(run, step + 1, record))
+    bar.close()
+    if run.start >= run.total_steps and run.eval_items:  # resumed a finished run: report its metrics again
+        results.update(evaluate(run))
+    write_outputs(run)
+    if run.match_set:
+        results["exact_match_after"] = match_rate(run, "after")
+    if run.rank == 0:
+        plot_losses(run.out_dir / "loss.png", *read_losses(run.metrics_path))
+    return results
+
+
+# --- setup -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What a run holds from setup to the end."""
+    cfg: TrainConfig
+    method: Method
+    rank: int
+    world: int
+    tp: int  # tensor-parallel ranks per model copy
+    dp: int  # data-parallel copies
+    dp_rank: int
+    dp_group: object
+    device: str
+    dtype: torch.dtype  # of the frozen base
+    tokenizer: Tokenizer
+    task_model: TaskModel
+    rows: list  # training rows (examples, or packed lists of them)
+    eval_items: list
+    label_names: list
+    global_batch: int
+    per_epoch: int  # micro-batches per epoch: len(rows) // global_batch
+    total_steps: int
+    optimizer: torch.optim.Optimizer = None
+    scheduler: object = None
+    scaler: Optional[torch.amp.GradScaler] = None
+    amp_dtype: Optional[torch.dtype] = None
+    wrapped: torch.nn.Module = None  # the task model, or DDP around it
+    named: dict = field(default_factory=dict)  # trainable parameters by name
+    start: int = 0  # the step to continue from
+    match_set: list = field(default_factory=list)  # eval samples for exact match
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    def say(self, *args, **kw) -> None:
+        if self.rank == 0:
+            print(*args, **kw)
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self.amp_dtype)
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Processes, the base model with the method attached, the data, the optimizer, and the state
+    of the last checkpoint when resuming."""
+    shards = n_shards(cfg.ckpt_dir)
     devices = resolve_devices(cfg.devices) if cfg.devices else None
     rank, world, device = setup_model_parallel("cpu" if devices else (cfg.device or None),
                                                tensor_parallel=shards if shards > 1 else 1)
     tp = shards if world > 1 and shards > 1 else 1
-    dp, dp_rank, dp_group = world // tp, rank // tp, data_parallel_group()
-    say = print if rank == 0 else (lambda *a, **k: None)
+    dp, dp_rank = world // tp, rank // tp
 
     args = read_model_args(cfg.ckpt_dir)
     tokenizer = Tokenizer(cfg.tokenizer_path or find_tokenizer(cfg.ckpt_dir))
     check_vocab(args, tokenizer)
     dtype = base_dtype(cfg.dtype, (devices or [device])[0])
-    model = load_base(cfg.ckpt_dir, args, dtype, device, model_parallel_rank(), tp,
-                      quant=cfg.quant, group_size=cfg.quant_group_size)
+    model = load_model(cfg.ckpt_dir, args, dtype, device, model_parallel_rank(), tp,
+                       quant=cfg.quant, group_size=cfg.quant_group_size)
     if devices:
         place_layers(model, devices, device_shares(devices))
         device = devices[0]
     model.checkpoint_layers = cfg.grad_checkpointing
 
-    data_cfg = DataConfig(cfg.task, cfg.template, cfg.train_on_prompt, cfg.cutoff_len, cfg.strict, tuple(cfg.label_names))
-    train_items, label_names = load_examples(cfg.train_file, tokenizer, data_cfg)
-    if cfg.eval_file:
-        eval_items, _ = load_examples(cfg.eval_file, tokenizer, replace(data_cfg, label_names=tuple(label_names)))
-    else:  # hold out a fixed slice of the training data
-        n_eval = max(1, int(len(train_items) * cfg.eval_split)) if len(train_items) > 1 else 0
-        held = set(torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed))[:n_eval].tolist())
-        eval_items = [train_items[i] for i in sorted(held)]
-        train_items = [ex for i, ex in enumerate(train_items) if i not in held]
+    train_items, eval_items, label_names = load_data(cfg, tokenizer)
     rows = pack(train_items, cfg.cutoff_len) if cfg.packing else train_items
 
     torch.manual_seed(cfg.seed)  # the same adapter init on every rank
     task_model = attach(model, cfg, tokenizer, num_labels=len(label_names)).train()
-    named = {n: p for n, p in task_model.named_parameters() if p.requires_grad}
-    params = list(named.values())
     torch.manual_seed(cfg.seed + dp_rank)  # dropout: same on tensor-parallel peers, fresh per data shard
 
     global_batch = cfg.micro_batch_size * dp
@@ -98,141 +169,171 @@ def train(cfg: TrainConfig) -> dict:
         raise LlamaInputError(f"{len(rows)} training rows cannot fill one batch of {global_batch} "
                               f"(micro_batch_size {cfg.micro_batch_size} x {dp} data-parallel processes)")
     total_steps = cfg.max_steps or max(1, math.ceil(per_epoch * cfg.epochs / cfg.grad_accum))
-    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else math.ceil(total_steps * cfg.warmup_ratio)
+    run = Run(cfg, get_method(cfg.method), rank, world, tp, dp, dp_rank, data_parallel_group(), device, dtype, tokenizer,
+              task_model, rows, eval_items, label_names, global_batch, per_epoch, total_steps)
+    setup_optimizer(run)
+    resume(run)
+    run.say(f"training {sum(p.numel() for p in run.named.values()):,} parameters ({cfg.method}, {cfg.task}) on "
+            f"{world} process(es): tensor-parallel {tp} x data-parallel {dp}; {len(rows)} rows, {total_steps} steps")
+    run.match_set = eval_items[: cfg.exact_match_samples] if cfg.task == "sft" else []
+    return run
 
-    # --- optimizer, schedule, precision ----------------------------------------------------------
-    optimizer = make_optimizer(params, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total_steps, cfg.min_lr_ratio))
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu(device) else "fp32")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    device_type = torch.device(device).type
 
-    def autocast():
-        return torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+def load_data(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[list[Example], list[Example], list[str]]:
+    """(training examples, eval examples, class names): eval_file, or a fixed held-out slice."""
+    data_cfg = DataConfig(cfg.task, cfg.template, cfg.train_on_prompt, cfg.cutoff_len, cfg.strict, tuple(cfg.label_names))
+    train_items, label_names = load_examples(cfg.train_file, tokenizer, data_cfg)
+    if cfg.eval_file:
+        eval_items, _ = load_examples(cfg.eval_file, tokenizer, replace(data_cfg, label_names=tuple(label_names)))
+        return train_items, eval_items, label_names
+    n_eval = max(1, int(len(train_items) * cfg.eval_split)) if len(train_items) > 1 else 0
+    held = set(torch.randperm(len(train_items), generator=torch.Generator().manual_seed(cfg.seed))[:n_eval].tolist())
+    eval_items = [train_items[i] for i in sorted(held)]
+    return [ex for i, ex in enumerate(train_items) if i not in held], eval_items, label_names
 
-    scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
-    wrapped = task_model
-    if dp > 1:  # the frozen base is identical everywhere: don't make DDP broadcast it (int4 weights are buffers)
+
+def setup_optimizer(run: Run) -> None:
+    """AdamW on the trainable parameters, the warmup + cosine schedule, precision (autocast and,
+    for fp16, loss scaling) and DDP over the data-parallel copies."""
+    cfg, task_model = run.cfg, run.task_model
+    run.named = {n: p for n, p in task_model.named_parameters() if p.requires_grad}
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else math.ceil(run.total_steps * cfg.warmup_ratio)
+    run.optimizer = make_optimizer(list(run.named.values()), cfg)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(
+        run.optimizer, lambda s: lr_factor(s, warmup, run.total_steps, cfg.min_lr_ratio))
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu(run.device) else "fp32")
+    run.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    run.scaler = torch.amp.GradScaler(torch.device(run.device).type) if precision == "fp16" else None
+    run.wrapped = task_model
+    if run.dp > 1:  # the frozen base is identical everywhere: don't make DDP broadcast it (int4 weights are buffers)
         frozen = [n for n, p in task_model.named_parameters() if not p.requires_grad]
         frozen += [n for n, _ in task_model.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(task_model, frozen)
-        wrapped = DistributedDataParallel(task_model, process_group=dp_group)
+        run.wrapped = DistributedDataParallel(task_model, process_group=run.dp_group)
 
-    # --- resume ------------------------------------------------------------------------------
-    out_dir = Path(cfg.out_dir)
-    start = 0
-    found = checkpoints(out_dir) if cfg.resume == "auto" else [] if cfg.resume == "none" else [Path(cfg.resume)]
+
+def resume(run: Run) -> None:
+    """Continue from the last checkpoint (resume = auto), a named one, or none; metrics logged
+    past the checkpoint's step are dropped (they will be logged again)."""
+    cfg = run.cfg
+    found = checkpoints(run.out_dir) if cfg.resume == "auto" else [] if cfg.resume == "none" else [Path(cfg.resume)]
     if found:
-        start = load_state(found[-1], rank, named, optimizer, scheduler, scaler)
-        say(f"resumed from {found[-1]} at step {start}")
-    metrics_path = out_dir / "metrics.jsonl"
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        keep_metrics(metrics_path, start)
-    say(f"training {sum(p.numel() for p in params):,} parameters ({cfg.method}, {cfg.task}) on {world} process(es): "
-        f"tensor-parallel {tp} x data-parallel {dp}; {len(rows)} rows, {total_steps} steps")
+        run.start = load_state(found[-1], run.rank, run.named, run.optimizer, run.scheduler, run.scaler)
+        run.say(f"resumed from {found[-1]} at step {run.start}")
+    if run.rank == 0:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(run.metrics_path, run.start)
 
-    def log(record: dict) -> None:
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    def evaluate() -> dict:
-        return eval_metrics(task_model, eval_items, cfg.micro_batch_size, tokenizer.pad_id, device, autocast,
-                            dp_rank, dp, dp_group) if eval_items else {}
+# --- the step ----------------------------------------------------------------------------------
 
-    def save(step: int) -> None:
-        state = save_state(out_dir, step, rank, named, optimizer, scheduler, scaler, cfg.keep_last,
-                           lambda folder: save_adapter(task_model, cfg, folder, label_names))
-        if rank == 0:
-            tqdm.write(f"saved {state}")
 
-    match_set = eval_items[: cfg.exact_match_samples] if cfg.task == "sft" else []
-    results = {}
-    if match_set and start == 0:
-        results["exact_match_before"] = exact_match(task_model, tokenizer, match_set, cfg.max_new_tokens, cfg.micro_batch_size)
-        say(f"exact match before training: {results['exact_match_before']:.1%} of {len(match_set)} eval samples")
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step over grad_accum micro-batches per rank. Its loss is the mean over every
+    target of the step, on every rank; a non-finite loss stops the run before anything is saved."""
+    cfg, device = run.cfg, run.device
+    t0 = time.perf_counter()
+    batches = [collate(micro_batch(run.rows, run.global_batch, step * cfg.grad_accum + i, cfg.seed, cfg.shuffle,
+                                   run.dp_rank, run.dp), run.tokenizer.pad_id, cfg.task) for i in range(cfg.grad_accum)]
+    # normalise by the whole step's count of targets, over all micro-batches and ranks
+    local_count = sum(target_count(b, cfg.task) for b in batches)
+    local_tokens = sum(int((b["tokens"] != run.tokenizer.pad_id).sum()) for b in batches)
+    step_count, step_tokens = all_reduce_sum([local_count, local_tokens], run.dp_group, device)
+    loss_sum = 0.0
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        last = i == len(batches) - 1
+        sync = contextlib.nullcontext() if last or run.dp == 1 else run.wrapped.no_sync()
+        with sync:
+            with run.autocast():
+                loss, _, _ = run.wrapped(**batch)
+            # DDP averages gradients over ranks; undo that so the step's loss is a plain mean
+            scaled = loss * (run.dp / max(step_count, 1.0))
+            (run.scaler.scale(scaled) if run.scaler else scaled).backward()
+        loss_sum += loss.item()
+    step_loss = all_reduce_sum([loss_sum], run.dp_group, device)[0] / max(step_count, 1.0)
+    if not math.isfinite(step_loss):
+        last_good = checkpoints(run.out_dir)
+        raise TrainingDiverged(f"loss is {step_loss} at step {step + 1}; nothing saved over "
+                               f"{last_good[-1] if last_good else 'any checkpoint (none yet)'}")
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
+    grad_norm = clip_grad_norm(list(run.named.values()), cfg.max_grad_norm)
+    lr = run.scheduler.get_last_lr()[0]
+    if not math.isfinite(grad_norm):
+        # fp16 overflow: the norm is global, so every rank skips alike (a GradScaler looks only at
+        # its own rank's shards, and tensor-parallel peers would drift apart)
+        if run.scaler:
+            run.scaler.update(run.scaler.get_scale() * run.scaler.get_backoff_factor())
+    elif run.scaler:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": step_tokens / (time.perf_counter() - t0)}
 
-    # --- the loop ----------------------------------------------------------------------------
-    bar = tqdm(range(start, total_steps), initial=start, total=total_steps, disable=rank != 0, desc="fine-tuning",
-               dynamic_ncols=True, file=sys.stdout, mininterval=0.5 if sys.stdout.isatty() else 30)
-    for step in bar:
-        t0 = time.perf_counter()
-        batches = [collate(micro_batch(rows, global_batch, step * cfg.grad_accum + i, cfg.seed, cfg.shuffle, dp_rank, dp),
-                           tokenizer.pad_id, cfg.task) for i in range(cfg.grad_accum)]
-        # normalise by the whole step's count of targets, over all micro-batches and ranks
-        local_count = sum(target_count(b, cfg.task) for b in batches)
-        local_tokens = sum(int((b["tokens"] != tokenizer.pad_id).sum()) for b in batches)
-        step_count, step_tokens = all_reduce_sum([local_count, local_tokens], dp_group, device)
-        loss_sum = 0.0
-        for i, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            last = i == len(batches) - 1
-            sync = contextlib.nullcontext() if last or dp == 1 else wrapped.no_sync()
-            with sync:
-                with autocast():
-                    loss, _, _ = wrapped(**batch)
-                # DDP averages gradients over ranks; undo that so the step's loss is a plain mean
-                scaled = loss * (dp / max(step_count, 1.0))
-                (scaler.scale(scaled) if scaler else scaled).backward()
-            loss_sum += loss.item()
-        step_loss = all_reduce_sum([loss_sum], dp_group, device)[0] / max(step_count, 1.0)
-        if not math.isfinite(step_loss):
-            last_good = checkpoints(out_dir)
-            raise TrainingDiverged(f"loss is {step_loss} at step {step + 1}; nothing saved over "
-                                   f"{last_good[-1] if last_good else 'any checkpoint (none yet)'}")
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = clip_grad_norm(params, cfg.max_grad_norm)
-        lr = scheduler.get_last_lr()[0]
-        if not math.isfinite(grad_norm):
-            # fp16 overflow: the norm is global, so every rank skips alike (a GradScaler looks only at
-            # its own rank's shards, and tensor-parallel peers would drift apart)
-            if scaler:
-                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-        elif scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
 
-        done = step + 1
-        tokens_per_s = step_tokens / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
-        if done % cfg.log_every == 0 or done == total_steps:
-            log({"step": done, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                 "epoch": done * cfg.grad_accum / per_epoch, "tokens_per_s": tokens_per_s})
-        if (cfg.eval_every and done % cfg.eval_every == 0) or done == total_steps:
-            ev = evaluate()
-            if ev:
-                log({"step": done, **ev})
-                if rank == 0:
-                    bar.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                results.update(ev)
-        if (cfg.save_every and done % cfg.save_every == 0) or done == total_steps:
-            save(done)
-    bar.close()
-    if start >= total_steps and eval_items:  # resumed a finished run: report its metrics again
-        results.update(evaluate())
+# --- logging, evaluation, checkpoints ----------------------------------------------------------
 
-    # --- outputs -----------------------------------------------------------------------------
-    final = out_dir / ("adapter" if cfg.method in ("lora", "prompt") else "model")
-    save_adapter(task_model, cfg, final, label_names)
-    say(f"wrote {final}")
-    if cfg.merge and cfg.method == "lora":
-        transformer = task_model.transformer
-        if rank < tp:  # one writer per tensor-parallel shard
-            merged = merged_state_dict(transformer, dtype)
-            save_checkpoint(transformer, out_dir / "merged", merged, rank=model_parallel_rank())
-        say(f"wrote {out_dir / 'merged'} (LoRA folded into the base weights)")
-    if match_set:
-        results["exact_match_after"] = exact_match(task_model, tokenizer, match_set, cfg.max_new_tokens, cfg.micro_batch_size)
-        say(f"exact match after training: {results['exact_match_after']:.1%} of {len(match_set)} eval samples")
-    if rank == 0:
-        plot_losses(out_dir / "loss.png", *read_losses(metrics_path))
+
+def after_step(run: Run, done: int, record: dict) -> dict:
+    """Log step `done` (1-based), evaluate and checkpoint when due. Returns any eval metrics."""
+    cfg, results = run.cfg, {}
+    last = done == run.total_steps
+    if done % cfg.log_every == 0 or last:
+        log(run, {"step": done, "loss": record["loss"], "lr": record["lr"], "grad_norm": record["grad_norm"],
+                  "epoch": done * cfg.grad_accum / run.per_epoch, "tokens_per_s": record["tokens_per_s"]})
+    if (cfg.eval_every and done % cfg.eval_every == 0) or last:
+        results = evaluate(run)
+        if results:
+            log(run, {"step": done, **results})
+            if run.rank == 0:
+                tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+    if (cfg.save_every and done % cfg.save_every == 0) or last:
+        folder = save_state(run.out_dir, done, run.rank, run.named, run.optimizer, run.scheduler, run.scaler,
+                            cfg.keep_last, lambda f: save_trained(run.task_model, cfg, f, run.label_names))
+        if run.rank == 0:
+            tqdm.write(f"saved {folder}")
     return results
+
+
+def log(run: Run, record: dict) -> None:
+    if run.rank == 0:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def evaluate(run: Run) -> dict:
+    if not run.eval_items:
+        return {}
+    return eval_metrics(run.task_model, run.eval_items, run.cfg.micro_batch_size, run.tokenizer.pad_id, run.device,
+                        run.autocast, run.dp_rank, run.dp, run.dp_group)
+
+
+def match_rate(run: Run, when: str) -> float:
+    rate = exact_match(run.task_model, run.tokenizer, run.match_set, run.cfg.max_new_tokens, run.cfg.micro_batch_size)
+    run.say(f"exact match {when} training: {rate:.1%} of {len(run.match_set)} eval samples")
+    return rate
+
+
+def write_outputs(run: Run) -> None:
+    """What the method trained (out_dir/adapter or out_dir/model) and, with merge, the base with
+    the method folded in (out_dir/merged)."""
+    cfg = run.cfg
+    final = run.out_dir / run.method.output_dir
+    save_trained(run.task_model, cfg, final, run.label_names)
+    run.say(f"wrote {final}")
+    if cfg.merge and run.method.can_merge:
+        transformer = run.task_model.transformer
+        if run.rank < run.tp:  # one writer per tensor-parallel shard
+            merged = run.method.merged_state_dict(transformer, run.dtype)
+            save_checkpoint(transformer, run.out_dir / "merged", merged, rank=model_parallel_rank())
+        run.say(f"wrote {run.out_dir / 'merged'} (LoRA folded into the base weights)")
+
+
+# --- pieces ------------------------------------------------------------------------------------
 
 
 def make_optimizer(params: list, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -281,7 +382,7 @@ def clip_grad_norm(params: list, max_norm: float) -> float:
     return norm
 
 
-def keep_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """On resume, drop metric lines past the checkpoint's step (they will be logged again)."""
     if not path.is_file():
         return

@@ -4,6 +4,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 
 @contextlib.contextmanager
@@ -38,3 +39,19 @@ def fsync_dir(folder) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def save_safetensors(tensors: dict, path, metadata: Optional[dict] = None) -> None:
+    """Write tensors to a safetensors file atomically; tied tensors (shared storage, which
+    safetensors refuses) are written as copies."""
+    from safetensors.torch import save_file
+
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        v = v.detach().contiguous()
+        if v.data_ptr() in seen:
+            v = v.clone()
+        seen.add(v.data_ptr())
+        out[k] = v
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata=metadata)

@@ -1,15 +1,15 @@
 """Llama.build and batched text/chat completion with left padding and a KV cache."""
-from pathlib import Path
 from typing import Callable, Optional, TypedDict
 
 import torch
 
-from llama.checkpoint import load_model, read_model_args
-from llama.config import ModelArgs
+from llama.distributed import setup_model_parallel
 from llama.errors import LlamaInputError
+from llama.formats import read_model_args
+from llama.loader import load_model
 from llama.model import Transformer
-from llama.parallel import device_shares, place_layers, resolve_devices, setup_model_parallel
-from llama.tokenizer import Tokenizer
+from llama.placement import device_shares, place_layers, resolve_devices
+from llama.tokenizers import Tokenizer, check_vocab, find_tokenizer
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -24,15 +24,6 @@ def parse_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise LlamaInputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-def find_tokenizer(ckpt_dir) -> Path:
-    """tokenizer.model in the checkpoint folder or its parent (Meta's layout)."""
-    d = Path(ckpt_dir)
-    for candidate in (d / "tokenizer.model", d.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
-    raise LlamaInputError(f"{d}: no tokenizer.model here or in the parent folder; pass --tokenizer_path")
 
 
 class Message(TypedDict):
@@ -94,13 +85,14 @@ class Llama:
         device: Optional[str] = None,
         seed: int = 1,
         devices=None,
-        loader=load_model,
         compile: bool = False,
+        quant: str = "none",
+        group_size: int = 128,
     ) -> "Llama":
         """Load a checkpoint (Meta, HF or ours) and its tokenizer. Under torchrun each rank loads
         its own tensor-parallel shard. `devices` (a list, "cuda:0,cuda:1" or "auto") spreads
-        contiguous layer ranges over several devices in this one process instead. `loader` has
-        load_model's signature (quant.checkpoint.load_base builds int4/NF4 bases)."""
+        contiguous layer ranges over several devices in this one process instead. quant and
+        group_size as in llama.loader.load_model (int4/NF4 bases; `import quant` registers them)."""
         if devices is not None:
             devices = resolve_devices(devices)
             device = "cpu"  # load (mmap'd) on the host, then move each layer range to its device
@@ -108,7 +100,7 @@ class Llama:
         args = read_model_args(ckpt_dir)
         tokenizer = Tokenizer(tokenizer_path or find_tokenizer(ckpt_dir))
         check_vocab(args, tokenizer)
-        model = loader(ckpt_dir, args, parse_dtype(dtype), device, rank, world)
+        model = load_model(ckpt_dir, args, parse_dtype(dtype), device, rank, world, quant, group_size)
         if devices is not None:
             place_layers(model, devices, device_shares(devices))
         model.setup_caches(max_batch_size, max_seq_len)
@@ -217,13 +209,3 @@ class Llama:
             tokens += self.tokenizer.encode(text, bos=True, eos=True)
         tokens += self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
         return tokens
-
-
-def check_vocab(args: ModelArgs, tokenizer: Tokenizer) -> None:
-    """LLaMA-1's params.json says vocab_size -1: take it from the tokenizer; otherwise they must agree."""
-    if args.vocab_size == -1:
-        args.vocab_size = tokenizer.n_words
-    elif args.vocab_size != tokenizer.n_words:
-        raise LlamaInputError(
-            f"{tokenizer.path}: tokenizer has {tokenizer.n_words} tokens but the model's vocab_size is {args.vocab_size}"
-        )

@@ -2,7 +2,7 @@
 preallocated KV cache, SwiGLU feed-forward.
 
 Weights use Meta's names and layout (RoPE on interleaved pairs). Under tensor parallelism the
-linears are fairscale's column/row-parallel layers (see llama/parallel.py) and each rank holds
+linears are fairscale's column/row-parallel layers (see llama/tp.py) and each rank holds
 n_heads / world_size heads.
 """
 import math
@@ -15,7 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
-from llama.parallel import column_linear, embedding, model_parallel_size, row_linear
+from llama.distributed import model_parallel_size
+from llama.tp import column_linear, embedding, row_linear
 
 
 class RMSNorm(nn.Module):

@@ -11,7 +11,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-from llama.checkpoint import save_checkpoint
+from llama.formats import save_checkpoint
 from llama.config import ModelArgs
 from llama.files import atomic_write_bytes
 from llama.model import Transformer

@@ -32,9 +32,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
-    from llama.checkpoint import read_model_args
-    from llama.generation import check_vocab, find_tokenizer
-    from llama.tokenizer import Tokenizer
+    from llama.formats import read_model_args
+    from llama.tokenizers import Tokenizer, check_vocab, find_tokenizer
     from quant.checkpoint import save_int4
     from quant.gptq import calibration_tokens, quantize_checkpoint
 

@@ -1,26 +1,28 @@
 """Int4 checkpoints in the AutoGPTQ / GPTQ-for-LLaMa layout: an HF folder (`config.json` with
 `quantization_config`, `quantize_config.json`, `model.safetensors` with HF names and
-`{qweight,qzeros,scales,g_idx}` per quantized linear), read and written; and `load_base`, the one
-loader the trainer and example.py call for bf16 / int4 / NF4 bases."""
+`{qweight,qzeros,scales,g_idx}` per quantized linear), read (`GPTQ`, a registered checkpoint
+format: `llama.loader.load_model` on such a folder lands here) and written (`save_int4`)."""
 import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from llama.checkpoint import (
-    assign_from_index, check_shard_count, checkpoint_index, hf_loader, hf_to_meta_key, iter_hf_names, load_model,
-    meta_model_outside_blocks, meta_to_hf_key, permute_rope_rows, quantization_config, save_safetensors, split_dim,
-    unpermute_rope_rows,
-)
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
-from llama.files import atomic_write_bytes, fsync_dir
+from llama.files import atomic_write_bytes, fsync_dir, save_safetensors
+from llama.formats import Checkpoint, iter_hf_names, quantization_config, register_format
+from llama.formats.base import find_file, single_part
+from llama.formats.hf import HFLayout, hf_weight_files
+from llama.layers import BLOCK_LINEARS, expected_shapes, from_hf_rows, hf_to_meta_key, lookup, meta_to_hf_key, \
+    rope_heads, to_hf_rows
+from llama.loader import fill, load_outside_blocks, replace_module
 from llama.model import Transformer
-from llama.parallel import tensor_parallel_kind
-from quant.linear import LAYER_LINEARS, Int4Linear, block_linears, quantized_layer, quantized_linears
+from llama.tp import tensor_parallel_kind
+from quant.linear import Int4Linear, quantized_linears
 from quant.pack import PER_WORD, Int4Weight, check_int4, group_index, pack_cols, unpack_cols
 
 INT4_PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -41,10 +43,11 @@ def read_quant_config(ckpt_dir) -> dict:
     return config
 
 
-def rope_column_order(n_out: int, n_heads: int, to_hf: bool) -> torch.Tensor:
-    """Index mapping q/k output features between Meta's interleaved and HF's half-rotation RoPE."""
-    ids = torch.arange(n_out).unsqueeze(1)
-    return (permute_rope_rows(ids, n_heads) if to_hf else unpermute_rope_rows(ids, n_heads)).squeeze(1)
+def rope_columns(w: Int4Weight, key: str, args: ModelArgs, to_hf: bool) -> Int4Weight:
+    """The output features of int4 layer `key` (wq, wk) reordered between Meta's interleaved and
+    HF's half-rotation RoPE, by the layer table's row rule applied to their indices."""
+    ids = torch.arange(w.out_features).unsqueeze(1)
+    return select_columns(w, (to_hf_rows if to_hf else from_hf_rows)(ids, key, args).squeeze(1))
 
 
 def select_columns(w: Int4Weight, idx: torch.Tensor) -> Int4Weight:
@@ -82,60 +85,61 @@ def load_int4(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_r
     """Build the model on `meta` and fill it from a GPTQ folder: quantized linears become
     Int4Linear, the rest (embeddings, norms, output) load in `dtype`. Under tensor parallelism
     each rank takes its share of the one whole checkpoint."""
-    config = read_quant_config(ckpt_dir)
+    d = Path(ckpt_dir)
+    config = read_quant_config(d)
     group_size = int(config.get("group_size", -1))
     parts: dict[str, dict] = {}
-    plain = {}  # the float tensors, as a checkpoint_index of this rank's shares
-    for path, f, name, key in iter_hf_names(ckpt_dir, _meta_key):
+    plain = {}  # the float tensors, as checkpoint entries
+    expected = expected_shapes(args)
+    for path, f, name, key in iter_hf_names(d, _meta_key):
         if key.endswith(INT4_PARTS + ("bias",)):
             module, part = key.rsplit(".", 1)
             parts.setdefault(module, {})[part] = (path, f, name)
+        elif key in expected:
+            plain[key] = single_part(f, name, key, rope_heads(key, args))
         else:
-            plain[key] = (path, _share(hf_loader(f, name, key, args), split_dim(key), mp_rank, mp_size))
+            raise LlamaInputError(f"{path}: unexpected tensor {name} for the {args.n_layers}-layer model config.json describes")
+    emb = plain.get("tok_embeddings.weight")
+    if "output.weight" not in plain and args.tie_word_embeddings and emb is not None and mp_size == 1:
+        plain["output.weight"] = replace(emb, key="output.weight", tied_to=emb.key)
+    ckpt = Checkpoint(d, GPTQ.name, args, plain, [d / "config.json"] + hf_weight_files(d), find_file(d, "tokenizer.model"))
     for module_path in parts:
-        if not module_path.endswith(LAYER_LINEARS):  # e.g. a quantized lm_head: ours stays float
-            raise LlamaInputError(f"{ckpt_dir}: unexpected quantized layer {module_path} (only the blocks' linears may be int4)")
-    model = meta_model_outside_blocks(plain, args, dtype, device, mp_size)
-    modules = dict(model.named_modules())
+        table_row, layer = lookup(module_path + ".weight")
+        if table_row is None or table_row.module not in BLOCK_LINEARS:  # e.g. a quantized lm_head: ours stays float
+            raise LlamaInputError(f"{d}: unexpected quantized layer {module_path} (only the blocks' linears may be int4)")
+        if int(layer) >= args.n_layers:
+            raise LlamaInputError(f"{d}: unexpected quantized layer {module_path} for a {args.n_layers}-layer model")
+    share = (mp_rank, mp_size)
+    model = load_outside_blocks(ckpt, args, dtype, device, share)
     for module_path, found in parts.items():
-        if module_path not in modules:
-            raise LlamaInputError(f"{ckpt_dir}: unexpected quantized layer {module_path} for a {args.n_layers}-layer model")
         tensors = {part: f.get(name) for part, (_, f, name) in found.items()}
+        hf_name = meta_to_hf_key(module_path + ".weight").removesuffix(".weight")
         if "g_idx" not in tensors and "qweight" in tensors and not config.get("desc_act"):
             tensors["g_idx"] = group_index(tensors["qweight"].shape[0] * PER_WORD, group_size)  # older files: implied
         missing = [p for p in INT4_PARTS if p not in tensors]
         if missing:
-            raise LlamaInputError(f"{found['qweight'][0] if 'qweight' in found else ckpt_dir}: quantized layer "
-                                  f"{meta_to_hf_key(module_path + '.weight').removesuffix('.weight')} lacks {missing[0]}")
+            raise LlamaInputError(f"{found['qweight'][0] if 'qweight' in found else d}: quantized layer "
+                                  f"{hf_name} lacks {missing[0]}")
         w = Int4Weight(*(tensors[p] for p in INT4_PARTS))
-        check_int4(w, meta_to_hf_key(module_path + ".weight").removesuffix(".weight"))
-        old = modules[module_path]
+        check_int4(w, hf_name)
+        old = model.get_submodule(module_path)
         full_out, full_in = _full_shape(old, mp_size)
         if (w.out_features, w.in_features) != (full_out, full_in):
             raise LlamaInputError(f"{found['qweight'][0]}: {module_path} is {w.out_features}x{w.in_features} int4 "
                                   f"but the config implies {full_out}x{full_in}")
-        name = module_path.rsplit(".", 1)[1]
-        if name in ("wq", "wk"):
-            w = select_columns(w, rope_column_order(w.out_features, args.n_heads if name == "wq" else args.n_kv_heads, False))
+        if rope_heads(module_path + ".weight", args):
+            w = rope_columns(w, module_path + ".weight", args, to_hf=False)
         kind = tensor_parallel_kind(old)
         w = tp_share(w, kind, mp_rank, mp_size)
         bias = tensors.get("bias")
         if bias is not None and kind == "column":
             bias = bias.chunk(mp_size)[mp_rank]
-        layer = Int4Linear.from_int4(Int4Weight(*(t.to(device) for t in w.tensors().values())), group_size, kind,
-                                     None if bias is None else bias.to(device, torch.float32))
-        parent, child = module_path.rsplit(".", 1)
-        setattr(modules[parent], child, layer)
+        replace_module(model, module_path, Int4Linear.from_int4(
+            Int4Weight(*(t.to(device) for t in w.tensors().values())), group_size, kind,
+            None if bias is None else bias.to(device, torch.float32)))
     for i, block in enumerate(model.layers):  # norms (and any linear the file left in float)
-        assign_from_index(block, plain, f"layers.{i}.", dtype, device)
+        fill(block, ckpt, f"layers.{i}.", dtype, device, share)
     return model.eval()
-
-
-def _share(load, dim, rank: int, size: int):
-    """A loader for this rank's slice of a whole tensor split on `dim` (None: replicated)."""
-    if dim is None or size == 1:
-        return load
-    return lambda: load().chunk(size, dim=dim)[rank]
 
 
 def _meta_key(name: str):
@@ -174,9 +178,8 @@ def save_int4(model: Transformer, out_dir, quant: dict, tokenizer_path=None) -> 
         if not isinstance(layer, Int4Linear):
             raise LlamaInputError(f"{module_path}: only int4 layers can be written as GPTQ (NF4 exports as float)")
         w = layer.int4()
-        name = module_path.rsplit(".", 1)[1]
-        if name in ("wq", "wk"):
-            w = select_columns(w, rope_column_order(w.out_features, args.n_heads if name == "wq" else args.n_kv_heads, True))
+        if rope_heads(f"{module_path}.weight", args):
+            w = rope_columns(w, f"{module_path}.weight", args, to_hf=True)
         stem = meta_to_hf_key(f"{module_path}.weight").removesuffix(".weight")
         for part, t in w.tensors().items():
             tensors[f"{stem}.{part}"] = t.cpu()
@@ -203,25 +206,19 @@ def save_int4(model: Transformer, out_dir, quant: dict, tokenizer_path=None) -> 
     return out
 
 
-def load_base(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_rank: int = 0, mp_size: int = 1,
-              quant: str = "none", group_size: int = 128) -> Transformer:
-    """The base model for fine-tuning or generation: a GPTQ folder loads as int4; a float
-    checkpoint loads as is (quant none), or quantized on load: int4 by round-to-nearest with
-    `group_size`, or NF4 through bitsandbytes, one block at a time (host memory holds one float
-    block, never the float model)."""
-    if quantization_config(ckpt_dir):
-        if quant != "int4":
-            raise LlamaInputError(f"{ckpt_dir}: holds GPTQ int4 weights; use quant = int4 (--quant int4), not {quant!r}")
+class GPTQLayout(HFLayout):
+    """An HF folder of GPTQ int4 weights: read as int4 (quant "int4"), never as float; the
+    splitter and other float readers refuse it (HFLayout.open)."""
+    name = "gptq"
+    quant = "int4"
+
+    def detect(self, d: Path) -> bool:
+        return super().detect(d) and bool(quantization_config(d))
+
+    def load_model(self, ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_rank: int = 0,
+                   mp_size: int = 1) -> Transformer:
         return load_int4(ckpt_dir, args, dtype, device, mp_rank, mp_size)
-    if quant == "none":
-        return load_model(ckpt_dir, args, dtype, device, mp_rank, mp_size)
-    check_shard_count(ckpt_dir, mp_size)
-    index = checkpoint_index(ckpt_dir, args, mp_rank, mp_size)
-    model = meta_model_outside_blocks(index, args, dtype, device, mp_size)
-    for i, block in enumerate(model.layers):  # one float block in host memory at a time
-        assign_from_index(block, index, f"layers.{i}.", dtype, "cpu")
-        for name, linear in block_linears(block).items():
-            parent, child = name.split(".")
-            setattr(getattr(block, parent), child, quantized_layer(f"layers.{i}.{name}", linear, quant, group_size, device))
-        block.to(device)
-    return model.eval()
+
+
+GPTQ = GPTQLayout()
+register_format(GPTQ, first=True)

@@ -1,4 +1,4 @@
-"""Int4 quantizers: round-to-nearest, and GPTQ (Frantar et al. 2022), which quantizes one input
+"""Int4 by GPTQ (Frantar et al. 2022; round-to-nearest is quant/rtn.py), which quantizes one input
 column at a time and spreads each column's rounding error over the columns not yet quantized,
 weighted by the inverse Hessian of the layer's inputs H = 2 X X^T / n.
 
@@ -11,49 +11,13 @@ from typing import Optional
 import torch
 from tqdm import tqdm
 
-from llama.checkpoint import assign_from_index, checkpoint_index, meta_model_outside_blocks, read_model_args
 from llama.errors import LlamaInputError
+from llama.formats import open_checkpoint
+from llama.loader import block_linears, fill, load_outside_blocks, replace_module
 from llama.model import Transformer, attention_mask
-from quant.linear import Int4Linear, block_linears, check_group_size
-from quant.pack import Int4Weight, group_index, pack
-
-MAXQ = 15
-
-
-def find_params(w: torch.Tensor, sym: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (scale, zero) for w [rows, cols] so q = round(w / scale) + zero covers 0..15 and
-    the range includes 0. Scales are rounded to fp16 (how they are stored) before use."""
-    xmin = w.min(dim=1).values.clamp(max=0)
-    xmax = w.max(dim=1).values.clamp(min=0)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = -xmax
-    flat = (xmin == 0) & (xmax == 0)
-    xmin, xmax = torch.where(flat, -1.0, xmin), torch.where(flat, 1.0, xmax)
-    scale = ((xmax - xmin) / MAXQ).half().float()
-    if sym:
-        zero = torch.full_like(scale, (MAXQ + 1) / 2)
-    else:
-        # GPTQ files store zero-1 in 4 bits, so zero 0 (a group with no negative weight) can't be
-        # written; zero 1 shifts that group's grid by one step, a tiny loss on a rare group
-        zero = torch.round(-xmin / scale).clamp(1, MAXQ)
-    return scale, zero
-
-
-def quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(w / scale) + zero, 0, MAXQ)
-
-
-def rtn(weight: torch.Tensor, group_size: int = 128, sym: bool = False) -> Int4Weight:
-    """Round-to-nearest int4 of weight [out, in], per group of input features (-1: per row)."""
-    out_features, in_features = weight.shape
-    size = in_features if group_size == -1 else group_size
-    w = weight.detach().float().reshape(out_features, in_features // size, size)
-    scale, zero = find_params(w.reshape(-1, size), sym)
-    scale, zero = scale.view(out_features, -1, 1), zero.view(out_features, -1, 1)
-    q = quantize_column(w, scale, zero).reshape(out_features, in_features)
-    return pack(q, zero[..., 0].t(), scale[..., 0].t(), group_index(in_features, group_size).to(weight.device))
-
+from quant.linear import Int4Linear, check_group_size
+from quant.pack import Int4Weight, pack
+from quant.rtn import find_params, quantize_column, rtn
 
 class GPTQ:
     """Accumulates H from a layer's inputs, then quantizes its weight against it."""
@@ -158,9 +122,8 @@ def quantize_checkpoint(ckpt_dir, method: str = "gptq", group_size: int = 128, a
         raise LlamaInputError(f"unknown method {method!r}: use gptq or rtn")
     if method == "gptq" and calib is None:
         raise LlamaInputError("GPTQ needs calibration text (--calib FILE)")
-    args = read_model_args(ckpt_dir)
-    index = checkpoint_index(ckpt_dir, args)
-    model = meta_model_outside_blocks(index, args, torch.float32, "cpu")
+    ckpt = open_checkpoint(ckpt_dir).check()
+    model = load_outside_blocks(ckpt, ckpt.args, torch.float32, "cpu")
     for i, block in enumerate(model.layers):
         for name, linear in block_linears(block).items():
             check_group_size(f"layers.{i}.{name}", linear.in_features, group_size)
@@ -173,7 +136,7 @@ def quantize_checkpoint(ckpt_dir, method: str = "gptq", group_size: int = 128, a
             rot = model.rope(torch.arange(seq, device=device)[None])
             mask = attention_mask(seq, 0, None, device)
         for i, block in enumerate(tqdm(model.layers, desc=f"quantizing ({method})", disable=not progress)):
-            assign_from_index(block, index, f"layers.{i}.", torch.float32, device)
+            fill(block, ckpt, f"layers.{i}.", torch.float32, device)
             linears = block_linears(block)
             if method == "gptq":
                 gptqs = {name: GPTQ(lin.in_features, device) for name, lin in linears.items()}
@@ -186,8 +149,7 @@ def quantize_checkpoint(ckpt_dir, method: str = "gptq", group_size: int = 128, a
             for name, lin in linears.items():
                 w = gptqs[name].quantize(lin.weight, group_size, act_order, sym, damp) if method == "gptq" \
                     else rtn(lin.weight, group_size, sym)
-                parent, child = name.split(".")
-                setattr(getattr(block, parent), child, Int4Linear.from_int4(w, group_size).to(device))
+                replace_module(block, name, Int4Linear.from_int4(w, group_size).to(device))
                 if method == "gptq":
                     H = gptqs[name].H
                     delta = lin.weight.float() - block_linears(block)[name].dequantized_weight()

@@ -17,14 +17,12 @@ import torch
 
 from quant.pack import PER_WORD, Int4Weight, dequantize, unpack_cols, unpack_rows
 
-# rows at or below which the fused kernel / int4 op beat dequantize-then-matmul. GPU: decode
-# batches, by design (not yet measured: no GPU so far). CPU, from bench/int4_matmul.py: at M=64
-# the op takes 1.4x the float32 dense time, dequantizing to bf16 then multiplying 6x; at M=256
-# the op and dequantize-to-float32-then-multiply take about the same
+# Rows at or below which the fused kernel / PyTorch's CPU int4 op beat dequantize-then-matmul.
+# GPU: decode batches, by design. CPU: where bench/int4_matmul.py put the crossover (its figures
+# are in docs/benchmarks.md, "Int4 paths"): bf16 activations take the op up to a few hundred
+# rows; float32 ones take its generic loop, which beats dequantizing only for a few rows.
 SMALL_M = 16
 CPU_OP_MAX_M = 256
-# float32 activations take the op's generic loop: 3-4x faster than dequantize-then-matmul at M=1,
-# level with it at M=4, 2x slower at M=8 (4096x4096)
 CPU_OP_FLOAT32_MAX_M = 4
 CPU_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm_for_cpu takes
 

@@ -1,7 +1,7 @@
 """Quantized linears that stand in for the model's nn.Linear / fairscale layers: Int4Linear
 (GPTQ layout, our kernels) and NF4Linear (bitsandbytes Linear4bit, QLoRA's double-quantized NF4).
 
-Both keep the LoRA interface of finetune/lora.py: `in_features` / `out_features` (this rank's
+Both keep the LoRA interface of finetune/methods/lora.py: `in_features` / `out_features` (this rank's
 share), `tensor_parallel` (None, "column" or "row") and `dequantized_weight()` for merging. Their
 weights are frozen (Int4Linear's are buffers, NF4's a bitsandbytes Params4bit without grad);
 gradients flow to the input only.
@@ -12,26 +12,11 @@ import torch
 from torch import nn
 
 from llama.errors import LlamaInputError
-from llama.parallel import tensor_parallel_kind
+from llama.loader import block_linears, quantizer, register_quantizer, replace_module
+from llama.tp import parallel_forward, tensor_parallel_kind
 from quant.kernels import int4_matmul
 from quant.pack import PER_WORD, Int4Weight, dequantize
-
-LAYER_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-
-
-def parallel_forward(layer: nn.Module, x: torch.Tensor, local) -> torch.Tensor:
-    """fairscale's collectives around a local matmul: a column-parallel layer takes the whole
-    input (its gradient summed over ranks), a row-parallel one sums its partial outputs."""
-    if layer.tensor_parallel == "column":
-        from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region
-
-        return local(copy_to_model_parallel_region(x))
-    if layer.tensor_parallel == "row":
-        from fairscale.nn.model_parallel.mappings import reduce_from_model_parallel_region
-
-        return reduce_from_model_parallel_region(local(x))
-    return local(x)
+from quant.rtn import rtn
 
 
 def autocast_input(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +68,7 @@ class Int4Linear(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 return int4_matmul(x, self.int4())
 
-        y = parallel_forward(self, x, local)  # the bias once, after row-parallel partial sums
+        y = parallel_forward(self.tensor_parallel, x, local)  # the bias once, after row-parallel partial sums
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _apply(self, fn, recurse=True):
@@ -139,53 +124,40 @@ class NF4Linear(nn.Module):
             with torch.autocast(x.device.type, enabled=False):
                 return self.inner(x)
 
-        return parallel_forward(self, x, local)
+        return parallel_forward(self.tensor_parallel, x, local)
 
 
-# --- swapping a loaded model's linears ---------------------------------------------------------
+# --- quantizing a float model's linears ---------------------------------------------------------
 
 
 def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
     return {path: m for path, m in model.named_modules() if isinstance(m, (Int4Linear, NF4Linear))}
 
 
-def block_linears(block: nn.Module) -> dict[str, nn.Module]:
-    """A transformer block's linears by their LAYER_LINEARS name (attention.wq ...)."""
-    return {name: getattr(getattr(block, name.split(".")[0]), name.split(".")[1]) for name in LAYER_LINEARS}
+def int4_linear(path: str, linear: nn.Module, group_size: int = 128, device=None) -> Int4Linear:
+    """The round-to-nearest int4 replacement of a float linear, on device, split the way it is
+    (GPTQ needs calibration data: `python -m quant`)."""
+    check_group_size(path, linear.weight.shape[1], group_size)
+    return Int4Linear.from_int4(rtn(linear.weight.detach().float(), group_size), group_size,
+                                tensor_parallel_kind(linear)).to(device)
 
 
-def swap_linears(model: nn.Module, make, device=None) -> list[str]:
-    """Replace each transformer block's linears by make(path, linear) (the output layer stays),
-    one at a time so the float weights are freed as we go. Returns the replaced paths."""
-    done = []
-    for i, block in enumerate(model.layers):
-        for name in LAYER_LINEARS:
-            parent_name, child = name.split(".")
-            parent = getattr(block, parent_name)
-            path = f"layers.{i}.{name}"
-            new = make(path, getattr(parent, child))
-            setattr(parent, child, new.to(device) if device is not None else new)
-            done.append(path)
-    return done
+def nf4_linear(path: str, linear: nn.Module, group_size: int = 128, device=None) -> NF4Linear:
+    """The bitsandbytes NF4 replacement of a float linear (its own blocks of 64: group_size unused)."""
+    return NF4Linear(linear.weight, tensor_parallel_kind(linear), compute_dtype=linear.weight.dtype, device=device)
 
 
-def quantized_layer(path: str, linear: nn.Module, quant: str, group_size: int = 128, device=None) -> nn.Module:
-    """The int4 (round-to-nearest; GPTQ needs calibration data: `python -m quant`) or NF4
-    (bitsandbytes) replacement of a float linear, on device, split the way it is."""
-    from quant.gptq import rtn
-
-    kind = tensor_parallel_kind(linear)
-    if quant == "int4":
-        check_group_size(path, linear.weight.shape[1], group_size)
-        return Int4Linear.from_int4(rtn(linear.weight.detach().float(), group_size), group_size, kind).to(device)
-    if quant == "nf4":
-        return NF4Linear(linear.weight, kind, compute_dtype=linear.weight.dtype, device=device)
-    raise LlamaInputError(f"unknown quant {quant!r}: use none, int4 or nf4")
+register_quantizer("int4", int4_linear)
+register_quantizer("nf4", nf4_linear)
 
 
 def quantize_model_(model: nn.Module, quant: str, group_size: int = 128, device=None) -> nn.Module:
-    """Quantize every block linear of a float model in place (the output layer stays float)."""
-    swap_linears(model, lambda path, linear: quantized_layer(path, linear, quant, group_size, device), device)
+    """Quantize every block linear of a float model in place, one at a time so the float weights
+    are freed as we go (the output layer stays float)."""
+    make = quantizer(quant)
+    for i, block in enumerate(model.layers):
+        for name, linear in block_linears(block).items():
+            replace_module(block, name, make(f"layers.{i}.{name}", linear, group_size, device))
     return model
 
 

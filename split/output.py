@@ -19,13 +19,9 @@ from tqdm import tqdm
 
 from llama.errors import LlamaInputError
 from llama.files import atomic_path, atomic_write_bytes
-from split.source import MANIFEST, Source, SourceTensor
-
-ST_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-    torch.uint8: "U8", torch.bool: "BOOL",
-}
+from llama.formats import Checkpoint, TensorEntry
+from llama.formats.tensorfiles import ST_NAMES
+from split.source import MANIFEST
 # What makes a folder hold a checkpoint: refused as an output unless --overwrite (then removed;
 # nothing else in the folder is touched).
 CHECKPOINT_FILES = (MANIFEST, "params.json", "config.json", "consolidated.*.pth", "consolidated.*.safetensors",
@@ -37,7 +33,7 @@ CHECKPOINT_FILES = (MANIFEST, "params.json", "config.json", "consolidated.*.pth"
 class Piece:
     """One tensor of an output file: `src.narrow(dim, lo, hi - lo)`, or all of `src` (dim None)."""
     key: str
-    src: SourceTensor
+    src: TensorEntry
     dim: Optional[int] = None
     lo: int = 0
     hi: int = 0
@@ -88,7 +84,7 @@ def safetensors_header(pieces: list) -> bytes:
     format allows) so the data starts 8-byte aligned."""
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for p in pieces:
-        header[p.key] = {"dtype": ST_DTYPES[p.src.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
+        header[p.key] = {"dtype": ST_NAMES[p.src.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
         offset += p.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)
@@ -167,7 +163,7 @@ def same_split_done(out: Path, request: dict) -> bool:
                and (out / str(r.get("name"))).stat().st_size == r.get("bytes") for r in files)
 
 
-def check_output(out: Path, src: Source, request: dict, files: list, overwrite: bool) -> bool:
+def check_output(out: Path, src: Checkpoint, request: dict, files: list, overwrite: bool) -> bool:
     """Everything about the output folder, before anything is written. True: go ahead; False:
     it already holds exactly this split."""
     if out.resolve() == src.dir.resolve():
@@ -195,7 +191,7 @@ def check_output(out: Path, src: Source, request: dict, files: list, overwrite: 
 # --- writing --------------------------------------------------------------------------------------
 
 
-def write_split(src: Source, files: list, out: Path, fmt: str, request: dict, extra: dict,
+def write_split(src: Checkpoint, files: list, out: Path, fmt: str, request: dict, extra: dict,
                 overwrite: bool, progress: bool = True) -> dict:
     """Write the data files, params.json, tokenizer.model and, last, split.json. Returns the
     manifest."""
@@ -223,7 +219,7 @@ def _record(path: Path, sha: Optional[str] = None) -> dict:
     return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha or _sha256_file(path)}
 
 
-def _write_safetensors(src: Source, files: list, out: Path, progress: bool) -> list[dict]:
+def _write_safetensors(src: Checkpoint, files: list, out: Path, progress: bool) -> list[dict]:
     """All files at once: each source tensor is read once, in row blocks, and each block's
     pieces are appended to the files that take them."""
     by_source = {}
@@ -266,7 +262,7 @@ def _arena(pieces: list) -> list[torch.Tensor]:
     return [torch.empty(0, dtype=p.src.dtype).set_(arena[o:o + p.nbytes], 0, p.shape) for p, o in zip(pieces, offsets)]
 
 
-def _write_pth(src: Source, files: list, out: Path, progress: bool) -> list[dict]:
+def _write_pth(src: Checkpoint, files: list, out: Path, progress: bool) -> list[dict]:
     """One file's dict at a time (torch.save wants the whole dict): peak memory ~ one file.
     Each output tensor is filled from row blocks of the source, reading only its own share."""
     bar = tqdm(total=sum(len(f.pieces) for f in files), unit="tensor", disable=not progress, desc=f"{len(files)} file(s)")

@@ -1,7 +1,7 @@
 """Tensor-parallel resharding: any checkpoint -> N shards in Meta's fairscale layout.
 
-The split rule is the core's one table, `llama.checkpoint.split_dim` (column-parallel wq wk wv w1
-w3 output on dim 0, row-parallel wo w2 on dim 1, tok_embeddings on dim 1, norms replicated), the
+The split rule is the core's one layer table, `llama.layers` (column-parallel wq wk wv w1 w3
+output on dim 0, row-parallel wo w2 on dim 1, tok_embeddings on dim 1, norms replicated), the
 same table the loader merges with and tensor-parallel ranks load by. Shard j of a split tensor is
 `torch.chunk(t, n, dim)[j]`; N = 1 merges. M -> N works for any M and N the shapes allow.
 
@@ -10,35 +10,34 @@ same table the loader merges with and tensor-parallel ranks load by. Shard j of 
 from pathlib import Path
 from typing import Optional
 
-from llama.checkpoint import SPLIT_DIMS, split_dim
 from llama.errors import LlamaInputError
+from llama.formats import Checkpoint
+from llama.layers import WEIGHTS, size_name, split_dim
 from split.output import OutFile, Piece, check_output, write_split
-from split.source import Source, open_source
+from split.source import file_records, open_source
 
 MODES = ("tp", "layers")
+# recorded in split.json: the split dim of each split weight, by its key without the layer prefix
+SPLIT_DIMS = {w.meta.removeprefix("layers.{}."): w.split_dim for w in WEIGHTS if w.split_dim is not None}
 FORMATS = ("safetensors", "pth")
 
 
-def check_divisible(src: Source, n: int) -> None:
+def check_divisible(src: Checkpoint, n: int) -> None:
     """Every split dim, and the heads (a rank holds whole heads), must divide by n."""
     args = src.args
     for what, size in (("n_heads", args.n_heads), ("n_kv_heads", args.n_kv_heads)):
         if size % n:
             raise LlamaInputError(f"--n {n}: {what} {size} does not divide by {n} (each rank needs whole heads)")
-    names = {
-        "tok_embeddings.weight": "dim (tok_embeddings.weight columns)", "output.weight": "vocab size (output.weight rows)",
-        "attention.wq.weight": "n_heads * head_dim", "attention.wk.weight": "n_kv_heads * head_dim",
-        "attention.wv.weight": "n_kv_heads * head_dim", "attention.wo.weight": "n_heads * head_dim",
-        "feed_forward.w1.weight": "hidden dim", "feed_forward.w2.weight": "hidden dim", "feed_forward.w3.weight": "hidden dim",
-    }
     for key, t in src.tensors.items():
         dim = split_dim(key)
         if dim is not None and t.shape[dim] % n:
-            what = next(v for k, v in names.items() if key.endswith(k))
+            what = size_name(key, dim)
+            if "layers." not in key:  # the embedding and output: say which side of the table it is
+                what += f" ({key} {'rows' if dim == 0 else 'columns'})"
             raise LlamaInputError(f"--n {n}: {what} {t.shape[dim]} does not divide by {n} (tensor {key}, shape {t.shape})")
 
 
-def plan_tp(src: Source, n: int, fmt: str) -> list[OutFile]:
+def plan_tp(src: Checkpoint, n: int, fmt: str) -> list[OutFile]:
     """consolidated.00 .. consolidated.{n-1}: the chunks of every split tensor, every norm whole."""
     check_divisible(src, n)
     ext = "safetensors" if fmt == "safetensors" else "pth"
@@ -77,13 +76,13 @@ def split_checkpoint(ckpt_dir, n: int, out=None, mode: str = "tp", fmt: str = "s
     src = open_source(ckpt_dir)
     try:
         if mode == "tp":
-            files, extra = plan_tp(src, n, fmt), {"split_dims": dict(SPLIT_DIMS)}
+            files, extra = plan_tp(src, n, fmt), {"split_dims": SPLIT_DIMS}
         else:
             files, extra = plan_layers(src, n)
         out = Path(out) if out is not None else default_out(ckpt_dir, mode, n)
         request = {
             "tool": "split_model.py", "source": str(src.dir.resolve()), "source_format": src.format,
-            "source_files": src.file_records(), "mode": mode, "n": n, "format": fmt,
+            "source_files": file_records(src), "mode": mode, "n": n, "format": fmt,
         }
         if not check_output(out, src, request, files, overwrite):
             return out, None

@@ -1,6 +1,6 @@
 """Layer-wise stages: N files `stage.NN.safetensors`, each a contiguous range of whole layers
 (embedding in the first, norm and output in the last), balanced by bytes with the same planner
-layer-wise placement uses (`llama.parallel.plan_stages`), for placing stages on separate
+layer-wise placement uses (`llama.placement.plan_stages`), for placing stages on separate
 machines or GPUs. Tensors are stored whole, with Meta names; `split.json` records each stage's
 layer range as [layer_start, layer_stop).
 
@@ -10,9 +10,9 @@ merged back (`--n 1`), resharded for tensor parallelism, or re-staged.
 import re
 
 from llama.errors import LlamaInputError
-from llama.parallel import plan_stages
+from llama.formats import Checkpoint
+from llama.placement import plan_stages
 from split.output import OutFile, Piece
-from split.source import Source
 
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
@@ -25,7 +25,7 @@ def unit_of(key: str, n_layers: int) -> int:
     return 0 if key.startswith("tok_embeddings.") else n_layers + 1
 
 
-def plan_layers(src: Source, n: int) -> tuple[list[OutFile], dict]:
+def plan_layers(src: Checkpoint, n: int) -> tuple[list[OutFile], dict]:
     n_layers = src.args.n_layers
     units = n_layers + 2
     if n > units:

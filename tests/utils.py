@@ -30,11 +30,12 @@ import split_model
 from finetune.config import TrainConfig
 from finetune.data import DataConfig, load_examples
 from finetune.trainer import train
-from llama.checkpoint import load_model, read_model_args, save_checkpoint
+from llama.formats import read_model_args, save_checkpoint
+from llama.loader import load_model
 from llama.config import ModelArgs
 from llama.model import Transformer
 from llama.tiny import random_model
-from llama.tokenizer import Tokenizer
+from llama.tokenizers import Tokenizer
 from quant.pack import Int4Weight
 
 if TYPE_CHECKING:

@@ -17,9 +17,10 @@ import finetune.trainer as trainer_module
 from finetune.adapters import attach, load_adapter
 from finetune.config import load_config
 from finetune.state import load_state
-from llama.checkpoint import load_model, read_model_args, save_checkpoint
+from llama.formats import read_model_args, save_checkpoint
+from llama.loader import load_model
 from llama.tiny import random_model
-from llama.tokenizer import Tokenizer
+from llama.tokenizers import Tokenizer
 from tests.utils import tiny_args
 
 

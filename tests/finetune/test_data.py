@@ -12,7 +12,7 @@ import torch
 from finetune.data import IGNORE, DataConfig, Example, collate, load_examples, pack
 from finetune.heads import TaskModel
 from llama.tiny import corpus
-from llama.tokenizer import Tokenizer
+from llama.tokenizers import Tokenizer
 from tests.utils import peaked_random_model, tiny_args
 
 # --- the reference formats, written out by hand ----------------------------------------------

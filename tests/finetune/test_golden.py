@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 def load_with_adapter(base_dir, adapter_dir):
     """Our Transformer (float32, CPU) from an HF checkpoint folder, with a PEFT adapter folder applied."""
     from finetune.adapters import load_adapter
-    from llama.checkpoint import load_model, read_model_args
+    from llama.formats import read_model_args
+    from llama.loader import load_model
 
     return load_adapter(load_model(base_dir, read_model_args(base_dir)), adapter_dir)
 

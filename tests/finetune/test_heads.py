@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune.heads import LinearCrossEntropy, TaskModel, lm_loss_sum
-from finetune.prompt_tuning import PromptTuning
+from finetune.methods.prompt import PromptTuning
 from llama.model import Transformer
-from llama.parallel import Linear
+from llama.cpu_linear import Linear
 from tests.utils import CountCalls, rel_err, tiny_args
 
 TOL = 1e-5  # float32 against float64, relative to the largest value compared

@@ -18,12 +18,13 @@ transformers = pytest.importorskip("transformers")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from finetune.adapters import attach, load_adapter, merged_state_dict, save_adapter  # noqa: E402
+from finetune.adapters import attach, load_adapter, save_trained  # noqa: E402
+from finetune.methods import get_method  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
-from finetune.lora import LoRALinear, apply_lora, lora_layers, resolve_targets, set_merged  # noqa: E402
+from finetune.methods.lora import LoRALinear, apply_lora, lora_layers, resolve_targets, set_merged  # noqa: E402
 from llama.errors import LlamaInputError  # noqa: E402
 from llama.model import Transformer  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.tokenizers import Tokenizer  # noqa: E402
 from tests.utils import (  # noqa: E402
     ALL_HF, hf_from_ours, hf_to_meta_rows, make_ours, meta_state_to_hf, peft_module_name, rope_heads, tiny_args,
 )
@@ -251,7 +252,7 @@ def test_merge_unmerge_and_merged_state_dict():
                                    + layer.delta_weight(), atol=1e-6, rtol=0)
         layer.unmerge()
 
-    state = merged_state_dict(model)
+    state = get_method("lora").merged_state_dict(model)
     assert set(state) == set(plain_state)  # plain names: no .base., no lora_
     for key, value in state.items():
         path = key.removesuffix(".weight")
@@ -276,7 +277,7 @@ def test_merged_weights_match_peft_merge_and_unload():
     ours.requires_grad_(False)
     apply_lora(ours, "all-linear", 4, 8.0)
     copy_peft_lora_into_ours(theirs, ours, args)
-    expected = meta_state_to_hf(merged_state_dict(ours), args.n_layers, args.n_heads, args.n_kv_heads)
+    expected = meta_state_to_hf(get_method("lora").merged_state_dict(ours), args.n_layers, args.n_heads, args.n_kv_heads)
     merged_hf = theirs.merge_and_unload().state_dict()
     for key, value in expected.items():
         torch.testing.assert_close(merged_hf[key], value, atol=1e-6, rtol=0, msg=key)
@@ -297,7 +298,7 @@ def test_saved_adapter_loads_into_peft_and_back(tmp_path, tokenizer_path, n_kv_h
     task_model = attach(base, cfg, Tokenizer(tokenizer_path))
     randomize_lora_b(task_model, seed=12)  # trained-looking adapter: B nonzero everywhere
     out = tmp_path / "adapter"
-    save_adapter(task_model, cfg, out)
+    save_trained(task_model, cfg, out)
 
     # format: PEFT's names and shapes, the same key set PEFT itself writes
     tensors = load_file(str(out / "adapter_model.safetensors"))

@@ -8,12 +8,12 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from finetune.adapters import attach, load_adapter, save_adapter
+from finetune.adapters import attach, load_adapter, save_trained
 from finetune.config import TrainConfig
-from finetune.prompt_tuning import PromptTuning, init_prompt
+from finetune.methods.prompt import PromptTuning, init_prompt
 from llama.errors import LlamaInputError
 from llama.generation import Llama
-from llama.tokenizer import Tokenizer
+from llama.tokenizers import Tokenizer
 from tests.utils import hf_from_ours, make_ours, tiny_args
 
 P = 5  # virtual tokens
@@ -184,7 +184,7 @@ def trained_prompt_adapter(tmp_path, tokenizer, how: str, seed: int = 4):
     with torch.no_grad():
         pm.prompt_embeddings.add_(torch.randn(pm.prompt_embeddings.shape, generator=torch.Generator().manual_seed(1)))
     out = tmp_path / f"adapter_{how}"
-    save_adapter(task_model, cfg, out)
+    save_trained(task_model, cfg, out)
     return cfg, pm, plain, out
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from finetune.demo import FACTS
 from llama.tiny import random_model
-from llama.checkpoint import save_checkpoint
+from llama.formats import save_checkpoint
 from tests.utils import (
     DEMO_EVAL, DEMO_TRAIN, assert_same_tensors, merge_shards, metrics_by_step as metrics, one_process, run,
     tiny_args, torchrun,

@@ -24,9 +24,10 @@ from finetune.config import TrainConfig
 from finetune.demo import FACTS
 from finetune.state import checkpoints, load_state
 from finetune.trainer import base_dtype, lr_factor, train
-from llama.checkpoint import load_model, read_model_args, save_checkpoint
+from llama.formats import read_model_args, save_checkpoint
+from llama.loader import load_model
 from llama.tiny import random_model
-from llama.tokenizer import Tokenizer
+from llama.tokenizers import Tokenizer
 from tests.utils import (
     DEMO_EVAL, DEMO_TRAIN, ROOT, assert_same_tensors, eval_loss_of, read_metrics, tiny_args, trainer_config,
 )

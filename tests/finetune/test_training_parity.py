@@ -18,11 +18,11 @@ from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 from finetune.adapters import attach  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
 from finetune.data import DataConfig, load_examples  # noqa: E402
-from finetune.lora import lora_layers  # noqa: E402
+from finetune.methods.lora import lora_layers  # noqa: E402
 from finetune.trainer import train  # noqa: E402
-from llama.checkpoint import save_checkpoint  # noqa: E402
+from llama.formats import save_checkpoint  # noqa: E402
 from llama.model import Transformer  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.tokenizers import Tokenizer  # noqa: E402
 from tests.utils import (  # noqa: E402
     ALL_HF, hf_from_ours, make_ours, meta_to_hf_rows, peft_module_name, rope_heads, tiny_args,
 )

@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llama.checkpoint import load_model, read_model_args, save_checkpoint
+from llama.formats import read_model_args, save_checkpoint
+from llama.loader import load_model
 from llama.errors import LlamaInputError
 from llama.generation import Llama
 from llama.tiny import random_model
-from llama.tokenizer import Tokenizer
+from llama.tokenizers import Tokenizer
 from tests.utils import ROOT, meta_state_to_hf, tiny_args
 
 ST = "consolidated.00.safetensors"

@@ -14,7 +14,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from llama.checkpoint import detect_format, load_model, read_model_args, save_checkpoint  # noqa: E402
+from llama.formats import detect_format, read_model_args, save_checkpoint  # noqa: E402
+from llama.loader import load_model  # noqa: E402
 from llama.errors import LlamaInputError  # noqa: E402
 from tests.utils import chunk_state, meta_state_to_hf  # noqa: E402
 
@@ -152,7 +153,7 @@ def test_files_on_disk_are_what_each_format_claims(dirs):
 
 @pytest.mark.parametrize("name", ALL)
 def test_detect_format(dirs, name):
-    assert detect_format(dirs[name]) == EXPECTED_FORMAT[name]
+    assert detect_format(dirs[name]).name == EXPECTED_FORMAT[name]
 
 
 def test_detect_format_rejects_folders_without_a_config(tmp_path):
@@ -208,7 +209,7 @@ def test_ours_round_trip_twice(dirs, tmp_path):
     """save_checkpoint(load_model(x)) is a fixed point: params.json and tensors survive."""
     first = load_model(dirs["ours"], read_model_args(dirs["ours"]))
     save_checkpoint(first, tmp_path)
-    assert detect_format(tmp_path) == "ours"
+    assert detect_format(tmp_path).name == "ours"
     assert read_model_args(tmp_path) == read_model_args(dirs["meta"])
     second = load_model(tmp_path, read_model_args(tmp_path))
     for key, t in first.state_dict().items():

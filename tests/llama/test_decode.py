@@ -1,4 +1,4 @@
-"""The decoding speed paths: llama.parallel.linear's threaded few-row product, the complex RoPE,
+"""The decoding speed paths: llama.cpu_linear.linear's threaded few-row product, the complex RoPE,
 attention without a mask for one token over the cache, last_only prefill logits, and greedy
 Llama.generate token for token against HF transformers' generate on the same weights.
 
@@ -11,15 +11,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llama.parallel as llama_parallel
+import llama.cpu_linear as cpu_linear
 
 transformers = pytest.importorskip("transformers")
 
-from finetune.prompt_tuning import PromptTuning  # noqa: E402
+from finetune.methods.prompt import PromptTuning  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 from llama.model import Transformer, apply_rope, attention_mask  # noqa: E402
-from llama.parallel import Linear, column_linear, linear, row_linear  # noqa: E402
-from llama.tokenizer import Tokenizer  # noqa: E402
+from llama.cpu_linear import Linear, linear  # noqa: E402
+from llama.tp import column_linear, row_linear  # noqa: E402
+from llama.tokenizers import Tokenizer  # noqa: E402
 from tests.utils import (  # noqa: E402
     CASES, TOL_CACHE, VOCAB, CountCalls, build_hf_model, load_ours, max_diff, random_tokens, rel_err, tiny_args,
     write_meta_checkpoint,
@@ -47,7 +48,7 @@ def ref_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.double() @ w.double().T
 
 
-# --- llama.parallel.linear / Linear -----------------------------------------------------------------
+# --- llama.cpu_linear.linear / Linear -----------------------------------------------------------------
 
 
 @pytest.fixture(autouse=True)
@@ -55,13 +56,13 @@ def split_tiny_weights(request, monkeypatch):
     """Tiny test weights take the threaded path too (it is skipped below GEMV_SPLIT_MIN elements),
     except in the test of that threshold itself."""
     if "real_threshold" not in request.keywords:
-        monkeypatch.setattr(llama_parallel, "GEMV_SPLIT_MIN", 0)
+        monkeypatch.setattr(cpu_linear, "GEMV_SPLIT_MIN", 0)
 
 
 @pytest.mark.real_threshold
 def test_linear_small_weight_uses_f_linear():
     """Below GEMV_SPLIT_MIN elements one thread is cheaper than waking the second: F.linear."""
-    rows = llama_parallel.GEMV_SPLIT_MIN // 64
+    rows = cpu_linear.GEMV_SPLIT_MIN // 64
     for out_features, path in ((rows // 2, "linear"), (rows, "bmm")):
         w, x = torch.randn(out_features, 64), torch.randn(1, 64)
         with num_threads(2), CountCalls() as calls:
@@ -302,7 +303,7 @@ def test_greedy_generate_matches_hf_batch_of_one(pair, prompt, threads, monkeypa
     assert all(c[0] == 1 and c[2] is None and c[4] == (1, 1, VOCAB) for c in calls[1:])
     assert len(calls) == N_NEW  # prefill + N_NEW - 1 decode steps
     # few-row products (a 5-token prompt is one too): 7 linears per layer and the output, per call
-    assert len(prompt) <= llama_parallel.GEMV_MAX_ROWS
+    assert len(prompt) <= cpu_linear.GEMV_MAX_ROWS
     assert fns.count("bmm") == ((7 * llama.model.args.n_layers + 1) * N_NEW if threads > 1 else 0)
     n_layers = llama.model.args.n_layers
     assert fns.sdpa[:n_layers] == [(True, True)] * n_layers  # prefill: causal, no mask

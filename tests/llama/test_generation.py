@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from llama.generation import Llama, sample
-from llama.tokenizer import Tokenizer
+from llama.tokenizers import Tokenizer
 from tests.utils import peaked_random_model, tiny_args
 
 

@@ -22,7 +22,8 @@ from safetensors.torch import save_file
 
 def load_hf_folder(ckpt_dir):
     """Our Transformer (float32, CPU) from an HF checkpoint folder."""
-    from llama.checkpoint import load_model, read_model_args
+    from llama.formats import read_model_args
+    from llama.loader import load_model
 
     return load_model(ckpt_dir, read_model_args(ckpt_dir))
 

@@ -1,4 +1,4 @@
-"""Our model, loaded through `llama.checkpoint`, against HF transformers' LlamaForCausalLM.
+"""Our model, loaded through `llama.loader`, against HF transformers' LlamaForCausalLM.
 
 Each case builds a tiny random HF model, saves it in HF format (safetensors) and, with the
 tests' own converter (tests/utils.py, written from docs/formats.md, not from our loader), in Meta
@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 
-from llama.checkpoint import detect_format, load_model, read_model_args  # noqa: E402
+from llama.formats import detect_format, read_model_args  # noqa: E402
+from llama.loader import load_model  # noqa: E402
 from llama.model import rope_frequencies  # noqa: E402
 from tests.utils import (  # noqa: E402
     CASES, DIM, N_HEADS, N_LAYERS, NORM_EPS, SEQ, TOL_CACHE, VOCAB, build_hf_model, load_ours, max_diff,
@@ -63,7 +64,7 @@ def test_scaled_cases_really_change_the_rope(case_dirs):
 def test_args_and_rope_frequencies_match_hf(case_dirs, fmt):
     case, hf_model, hf_dir, meta_dir = case_dirs
     d = hf_dir if fmt == "hf" else meta_dir
-    assert detect_format(d) == fmt
+    assert detect_format(d).name == fmt
     args = read_model_args(d)
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.vocab_size) == (
         DIM, N_LAYERS, N_HEADS, case.n_kv_heads, VOCAB)

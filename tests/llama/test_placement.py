@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from llama.parallel import place_layers, plan_stages
+from llama.placement import place_layers, plan_stages
 from llama.tiny import random_model
 from tests.utils import tiny_args
 

@@ -1,4 +1,4 @@
-"""GPTQ int4 folders: quant.checkpoint.save_int4 / load_int4 / load_base, against folders and
+"""GPTQ int4 folders: quant.checkpoint.save_int4 / load_int4 and llama.loader.load_model, against folders and
 float references written by the tests, from docs/formats.md ("GPTQ int4 layout") only:
 
     qweight int32 [in/8, out]     element j of a word at bits 4j..4j+3 (low nibble first)
@@ -24,12 +24,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llama.checkpoint import load_model, read_model_args, save_checkpoint
+from llama.formats import read_model_args, save_checkpoint
+from llama.loader import load_model
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
 from llama.model import Transformer
 from llama.tiny import random_model
-from quant.checkpoint import load_base, load_int4, save_int4, tp_share
+from quant.checkpoint import load_int4, save_int4, tp_share
 from quant.gptq import quantize_checkpoint
 from quant.linear import Int4Linear
 from quant.pack import Int4Weight
@@ -178,7 +179,7 @@ def test_independent_gptq_folder_matches_float_reference(tmp_path, style):
     args = read_model_args(folder)
     assert (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.ffn_hidden_dim) == (DIM, N_LAYERS, N_HEADS,
                                                                                               N_KV_HEADS, HIDDEN)
-    model = load_base(folder, args, quant="int4")
+    model = load_model(folder, args, quant="int4")
     layers = int4_layers(model)
     assert sorted(layers) == sorted(f"layers.{i}.{n}" for i in range(N_LAYERS) for n in LINEARS)
     # every int4 layer holds exactly the test's weight (q/k rows back in Meta's order)
@@ -205,16 +206,16 @@ def test_independent_gptq_folder_matches_hf_transformers(gptq_folder):
     x = tokens(seed=4)
     with torch.no_grad():
         want = hf_model(input_ids=x).logits.float()
-    got = logits_of(load_base(folder, read_model_args(folder), quant="int4"), x)
+    got = logits_of(load_model(folder, read_model_args(folder), quant="int4"), x)
     assert want.abs().max() > 1.0
     assert (got - want).abs().max() <= 1e-4
 
 
-def test_load_int4_equals_load_base(gptq_folder):
+def test_load_int4_equals_load_model(gptq_folder):
     folder, _, _ = gptq_folder
     args = read_model_args(folder)
     x = tokens(seed=5)
-    assert torch.equal(logits_of(load_int4(folder, args), x), logits_of(load_base(folder, args, quant="int4"), x))
+    assert torch.equal(logits_of(load_int4(folder, args), x), logits_of(load_model(folder, args, quant="int4"), x))
 
 
 # --- save_int4: round trip and the layout on disk -------------------------------------------------
@@ -249,7 +250,7 @@ def test_save_int4_round_trip_identical_logits(quantized):
     x = tokens(seed=6)
     want = logits_of(fp16_rounded(model), x)
     in_memory = logits_of(model, x)
-    for loaded in (load_int4(out, args), load_base(out, args, quant="int4")):
+    for loaded in (load_int4(out, args), load_model(out, args, quant="int4")):
         assert len(int4_layers(loaded)) == N_LAYERS * len(LINEARS)
         for path, layer in int4_layers(loaded).items():  # the int4 tensors come back bit for bit
             mine = dict(model.named_modules())[path]
@@ -383,7 +384,7 @@ def test_unsupported_bits(tmp_path, bits):
     write_gptq_folder(folder, seed=2)
     set_bits(folder, bits)
     with pytest.raises(LlamaInputError, match="unsupported bits") as e:
-        load_base(folder, read_model_args(folder), quant="int4")
+        load_model(folder, read_model_args(folder), quant="int4")
     assert str(bits) in str(e.value)
 
 
@@ -395,7 +396,7 @@ def test_missing_qzeros_names_the_layer(tmp_path):
     folder = tmp_path / "no_qzeros"
     write_gptq_folder(folder, seed=2, drop=("model.layers.1.mlp.down_proj.qzeros",))
     with pytest.raises(LlamaInputError) as e:
-        load_base(folder, read_model_args(folder), quant="int4")
+        load_model(folder, read_model_args(folder), quant="int4")
     msg = str(e.value)
     assert "qzeros" in msg and named(msg, 1, "feed_forward.w2"), msg
 
@@ -408,7 +409,7 @@ def test_wrong_qweight_shape(tmp_path, shape):
     bad = torch.randint(-2 ** 31, 2 ** 31 - 1, shape, dtype=torch.int64).to(torch.int32)
     write_gptq_folder(folder, seed=2, replace={"model.layers.0.self_attn.k_proj.qweight": bad})
     with pytest.raises(LlamaInputError) as e:
-        load_base(folder, read_model_args(folder), quant="int4")
+        load_model(folder, read_model_args(folder), quant="int4")
     msg = str(e.value)
     assert named(msg, 0, "attention.wk") and "shape" in msg and "qweight" in msg, msg
 
@@ -420,7 +421,7 @@ def test_float_loaders_refuse_a_gptq_folder(gptq_folder):
         load_model(folder, args)
     for quant in ("none", "nf4"):
         with pytest.raises(LlamaInputError, match="int4") as e:
-            load_base(folder, args, quant=quant)
+            load_model(folder, args, quant=quant)
         assert str(folder) in str(e.value)
 
 
@@ -428,19 +429,19 @@ def test_group_size_not_dividing_in_features_on_load(tmp_path):
     float_dir = tmp_path / "float"
     save_checkpoint(random_model(tiny_args(), seed=0), float_dir)
     with pytest.raises(LlamaInputError) as e:
-        load_base(float_dir, read_model_args(float_dir), quant="int4", group_size=48)
+        load_model(float_dir, read_model_args(float_dir), quant="int4", group_size=48)
     msg = str(e.value)
     assert "48" in msg and "64" in msg, msg
 
 
 def test_quant_int4_on_load_of_a_float_checkpoint(tmp_path):
-    """load_base(quant='int4') on float weights: Int4Linear blocks whose weights are the float
+    """load_model(quant='int4') on float weights: Int4Linear blocks whose weights are the float
     weights rounded to the nearest point of their group's grid (at most half a step away)."""
     float_dir = tmp_path / "float"
     save_checkpoint(random_model(tiny_args(), seed=3), float_dir)
     args = read_model_args(float_dir)
     ref = load_model(float_dir, args)
-    model = load_base(float_dir, args, quant="int4", group_size=GROUP)
+    model = load_model(float_dir, args, quant="int4", group_size=GROUP)
     layers = int4_layers(model)
     assert len(layers) == N_LAYERS * len(LINEARS)
     ref_modules = dict(ref.named_modules())
@@ -462,13 +463,13 @@ def test_folder_without_g_idx_loads_with_implied_groups(tmp_path):
     drop = tuple(f"model.layers.{i}.{HF_LAYER_NAMES[name]}.g_idx" for i in range(N_LAYERS) for name in LINEARS)
     write_gptq_folder(folder, seed=3, act_order_layers=(), drop=drop)
     (folder / "config.json").write_text(json.dumps(hf_config_dict({**QUANT_CONFIG, "desc_act": False}), indent=2))
-    model = load_base(folder, read_model_args(folder), quant="int4")
+    model = load_model(folder, read_model_args(folder), quant="int4")
     for path, layer in int4_layers(model).items():
         assert torch.equal(layer.g_idx, torch.arange(layer.in_features, dtype=torch.int32) // GROUP), path
     assert torch.isfinite(logits_of(model, tokens())).all()
     (folder / "config.json").write_text(json.dumps(hf_config_dict(QUANT_CONFIG), indent=2))  # desc_act: true
     with pytest.raises(LlamaInputError, match="lacks g_idx"):
-        load_base(folder, read_model_args(folder), quant="int4")
+        load_model(folder, read_model_args(folder), quant="int4")
 
 
 def test_a_quantized_lm_head_is_refused(tmp_path):
@@ -478,4 +479,4 @@ def test_a_quantized_lm_head_is_refused(tmp_path):
     extra = {f"lm_head.{part}": v for part, v in random_int4(VOCAB, DIM, GROUP, False, gen).items()}
     write_gptq_folder(folder, seed=4, drop=("lm_head.weight",), replace=extra)
     with pytest.raises(LlamaInputError, match="unexpected quantized layer"):
-        load_base(folder, read_model_args(folder), quant="int4")
+        load_model(folder, read_model_args(folder), quant="int4")

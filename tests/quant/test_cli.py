@@ -1,5 +1,5 @@
 """`python -m quant` end to end on a tiny saved checkpoint: the folder it writes loads with
-load_base(quant="int4") and gives logits close to the float model, and its weights, read with the
+llama.loader.load_model(quant="int4") and gives logits close to the float model, and its weights, read with the
 test's own unpacker (tests/utils.py), are the float weights on the int4 grid.
 Bad input exits 2 with one "error: ..." line and leaves no output (nor temp folder) behind.
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama.checkpoint import load_model, read_model_args, save_checkpoint
+from llama.formats import read_model_args, save_checkpoint
+from llama.loader import load_model
 from llama.tiny import corpus, random_model
 from quant.__main__ import main
-from quant.checkpoint import load_base
 from quant.linear import Int4Linear
 from tests.utils import HF_LAYER_NAMES, dequant64, hf_to_meta_rows, run, tiny_args, unpack_all
 
@@ -62,7 +62,7 @@ def check_output_folder(out: Path, float_dir: Path, group_size: int, act_order: 
     assert (q["bits"], q["group_size"], bool(q["desc_act"]), bool(q["sym"])) == (4, group_size, act_order, sym)
     args = read_model_args(out)
     ref = load_model(float_dir, read_model_args(float_dir))
-    model = load_base(out, args, quant="int4")
+    model = load_model(out, args, quant="int4")
     x = tokens()
     with torch.no_grad():
         want, got = ref(x), model(x)

@@ -15,11 +15,11 @@ import math
 import pytest
 import torch
 
-from llama.checkpoint import save_checkpoint
+from llama.formats import save_checkpoint
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
 from llama.tiny import random_model
-from llama.tokenizer import Tokenizer
+from llama.tokenizers import Tokenizer
 from quant.gptq import GPTQ, calibration_tokens, quantize_checkpoint, rtn
 from quant.linear import Int4Linear
 from quant.pack import dequantize

@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama.checkpoint import load_model, read_model_args, save_checkpoint
+from llama.formats import read_model_args, save_checkpoint
+from llama.loader import load_model
 from llama.tiny import random_model
 from quant.linear import NF4Linear
 from tests.utils import (

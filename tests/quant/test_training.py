@@ -18,13 +18,14 @@ from torch import nn
 
 from finetune.adapters import load_adapter
 from finetune.config import TrainConfig
-from finetune.lora import LoRALinear, apply_lora, lora_layers
+from finetune.methods.lora import LoRALinear, apply_lora, lora_layers
 from finetune.trainer import train
-from llama.checkpoint import load_model, read_model_args, save_checkpoint
+from llama.formats import read_model_args, save_checkpoint
+from llama.loader import load_model
 from llama.tiny import random_model
-from quant.checkpoint import load_base
 from quant.gptq import GPTQ, rtn
-from quant.linear import LAYER_LINEARS, Int4Linear, NF4Linear, quantize_model_
+from llama.layers import BLOCK_LINEARS
+from quant.linear import Int4Linear, NF4Linear, quantize_model_
 from tests.utils import (
     dequant64, eval_loss_of, nf4_dequant, peft_module_name, read_metrics, run, tiny_args, trainer_config,
 )
@@ -157,7 +158,7 @@ def test_quantized_model_with_lora_matches_float_model_with_dequantized_weights(
     modules = dict(model.named_modules())
     ref_modules = dict(reference.named_modules())
     for i in range(args.n_layers):
-        for name in LAYER_LINEARS:
+        for name in BLOCK_LINEARS:
             q = modules[f"layers.{i}.{name}"]
             assert isinstance(q, Int4Linear if quant == "int4" else NF4Linear)
             with torch.no_grad():
@@ -217,7 +218,7 @@ def dequantized_float_model(ckpt, quant: str) -> nn.Module:
     q_modules, f_modules = dict(quantized.named_modules()), dict(float_model.named_modules())
     with torch.no_grad():
         for i in range(args.n_layers):
-            for name in LAYER_LINEARS:
+            for name in BLOCK_LINEARS:
                 q = q_modules[f"layers.{i}.{name}"]
                 f_modules[f"layers.{i}.{name}"].weight.copy_(ref_dequant(q) if quant == "int4" else nf4_dequant(q))
     return float_model
@@ -273,7 +274,7 @@ def test_merge_on_an_int4_base_exports_a_float_checkpoint_that_requantizes(fp16_
 
     # weights: our decode of the int4 base + B @ A * alpha / r from the saved (PEFT) adapter, for
     # the layers whose rows need no RoPE permutation (v, o and the FFN)
-    base_int4 = load_base(fp16_ckpt, args, quant="int4", group_size=GROUP)
+    base_int4 = load_model(fp16_ckpt, args, quant="int4", group_size=GROUP)
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     modules = dict(base_int4.named_modules())
     for i in range(args.n_layers):
@@ -290,19 +291,19 @@ def test_merge_on_an_int4_base_exports_a_float_checkpoint_that_requantizes(fp16_
     merged_logits = logits_of(load_model(merged_dir, args), tokens)
     lora_logits = logits_of(load_adapter(base_int4, out / "adapter"), tokens)
     torch.testing.assert_close(merged_logits, lora_logits, rtol=1e-4, atol=1e-4)
-    base_logits = logits_of(load_base(fp16_ckpt, args, quant="int4", group_size=GROUP), tokens)
+    base_logits = logits_of(load_model(fp16_ckpt, args, quant="int4", group_size=GROUP), tokens)
     assert (lora_logits - base_logits).abs().max() > 1e-2
 
-    # re-quantized with python -m quant (RTN g32): a GPTQ folder that load_base reads as int4
+    # re-quantized with python -m quant (RTN g32): a GPTQ folder that load_model reads as int4
     requant = tmp_path / "merged_int4"
     run_python(["-m", "quant", "--ckpt_dir", merged_dir, "--method", "rtn", "--group_size", GROUP, "--out", requant,
                 "--tokenizer_path", fp16_ckpt / "tokenizer.model"])
     config_json = json.loads((requant / "config.json").read_text())
     assert config_json["quantization_config"]["bits"] == 4 and config_json["quantization_config"]["group_size"] == GROUP
-    reloaded = load_base(requant, read_model_args(requant), quant="int4")
+    reloaded = load_model(requant, read_model_args(requant), quant="int4")
     r_modules = dict(reloaded.named_modules())
     for i in range(args.n_layers):
-        for name in LAYER_LINEARS:
+        for name in BLOCK_LINEARS:
             layer = r_modules[f"layers.{i}.{name}"]
             assert isinstance(layer, Int4Linear)
             # round to nearest: every weight within one step of its group's grid (half a step,

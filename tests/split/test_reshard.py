@@ -9,8 +9,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import split.source as split_source
-from llama.checkpoint import load_model, read_model_args
+import llama.formats.base as formats_base
+from llama.formats import read_model_args
+from llama.loader import load_model
 from llama.tiny import random_model
 from tests.utils import assert_same_state, chunk_state, load_dir, random_ours, run_split, tiny_args, write_meta
 
@@ -20,7 +21,7 @@ ST = "consolidated.00.safetensors"
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     """Tiny row blocks so every tensor is read in several, cut at odd rows, across parts."""
-    monkeypatch.setattr(split_source, "BLOCK_BYTES", 1000)
+    monkeypatch.setattr(formats_base, "BLOCK_BYTES", 1000)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -144,7 +145,7 @@ def test_expected_shapes_are_the_models(overrides):
     """split/ checks sources against Meta shapes computed from the config; they must be exactly
     the keys and shapes of the model the core builds."""
     from llama.model import Transformer
-    from split.source import expected_shapes
+    from llama.layers import expected_shapes
 
     args = tiny_args(**overrides)
     with torch.device("meta"):

@@ -7,8 +7,8 @@ import re
 import pytest
 from safetensors.torch import load_file
 
-from llama.checkpoint import save_checkpoint
-from llama.parallel import plan_stages
+from llama.formats import save_checkpoint
+from llama.placement import plan_stages
 from llama.tiny import random_model
 from tests.utils import assert_same_state, chunk_state, load_dir, run_split, tiny_args
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from llama.checkpoint import save_checkpoint
+from llama.formats import save_checkpoint
 from split.reshard import split_checkpoint
 from tests.utils import PROMPTS, peaked_random_model, prompt_flags, run, tiny_args
 

@@ -5,13 +5,16 @@ counts positions from the first virtual token, as if the prompt were P extra tok
 PromptTuning wraps a Transformer with the same forward(tokens, start_pos, pad_lens), so
 llama.generation decodes with it unchanged: the virtual tokens enter the KV cache at prefill
 (start_pos 0) and later steps are shifted by P cache slots.
+
+Saved in PEFT's format: one tensor, `prompt_embeddings` [P, dim].
 """
 import torch
 from torch import nn
 
 from llama.errors import LlamaInputError
 from llama.model import Transformer
-from llama.tokenizer import Tokenizer
+from llama.tokenizers import Tokenizer
+from finetune.methods.base import Method, register_method
 
 
 class PromptTuning(nn.Module):
@@ -100,3 +103,33 @@ def init_prompt(model: Transformer, tokenizer: Tokenizer, n_virtual: int, how: s
         sample = model.tok_embeddings(torch.randperm(vocab, generator=generator)[:1024].to(device)).float()
         return torch.randn(n_virtual, sample.shape[-1], generator=generator).to(device) * sample.std()
     raise LlamaInputError(f"prompt_init must be text, vocab or random, not {how!r}")
+
+
+@register_method
+class Prompt(Method):
+    name = "prompt"
+    peft_type = "PROMPT_TUNING"
+    packs = False  # the virtual tokens go before each row's first token, not each sample's
+
+    def attach(self, model, cfg, tokenizer):
+        gen = torch.Generator().manual_seed(cfg.seed)
+        return PromptTuning(model, init_prompt(model, tokenizer, cfg.num_virtual_tokens, cfg.prompt_init,
+                                               cfg.prompt_init_text, gen))
+
+    def adapter_tensors(self, model):
+        return {"prompt_embeddings": model.prompt_embeddings.detach()}
+
+    def peft_config(self, cfg, model):
+        args = model.args
+        init = {"text": "TEXT", "vocab": "SAMPLE_VOCAB", "random": "RANDOM"}[cfg.prompt_init]
+        return {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": model.n_virtual, "token_dim": args.dim,
+                "num_transformer_submodules": 1, "num_attention_heads": args.n_heads, "num_layers": args.n_layers,
+                "prompt_tuning_init": init, "prompt_tuning_init_text": cfg.prompt_init_text if init == "TEXT" else None,
+                # PEFT insists on a tokenizer for TEXT init, though in inference mode it never loads it
+                "tokenizer_name_or_path": cfg.tokenizer_path or cfg.ckpt_dir}
+
+    def load(self, model, config, tensors, where):
+        prompt = tensors["prompt_embeddings"]
+        if prompt.shape[-1] != model.args.dim:
+            raise LlamaInputError(f"{where}: prompt width {prompt.shape[-1]} but the model's dim is {model.args.dim}")
+        return PromptTuning(model, prompt.to(model.tok_embeddings.weight.device))

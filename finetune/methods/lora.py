@@ -9,6 +9,7 @@ B @ A lines up with its share of the base weight:
     row-parallel    (weight [out, in/n]):  A [r, in/n] split,    B [out, r] replicated
 
 The adapter's parameters stay float32 whatever the base dtype (autocast picks the matmul dtype).
+Saved in PEFT's format: A and B under HF's names, B's q/k rows in HF's RoPE order.
 """
 import math
 
@@ -16,12 +17,14 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
+from llama.distributed import model_parallel_rank, model_parallel_size
 from llama.errors import LlamaInputError
-from llama.parallel import model_parallel_rank, model_parallel_size, tensor_parallel_kind
+from llama.layers import LINEAR_NAMES, from_hf_rows, meta_to_hf_key, to_hf_rows
+from llama.tp import gather_split, local_slice, parallel_forward, tensor_parallel_kind
+from finetune.methods.base import Method, register_method
 
-# our module names and the HF names users know them by (PEFT's target_modules)
-TARGETS = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-_FROM_HF = {hf: ours for ours, hf in TARGETS.items()}
+PEFT_PREFIX = "base_model.model."
+_FROM_HF = {hf: ours for ours, hf in LINEAR_NAMES.items()}
 
 
 class LoRALinear(nn.Module):
@@ -43,6 +46,11 @@ class LoRALinear(nn.Module):
         # put tensor-parallel ranks' RNG out of step with one process
         self.lora_A = skip_init(nn.Linear, in_local, r, bias=False, device=device, dtype=torch.float32)
         self.lora_B = skip_init(nn.Linear, r, out_local, bias=False, device=device, dtype=torch.float32)
+        # under tensor parallelism, the dim each is split on (for the gradient norm and gathering on save)
+        if self.kind == "column":
+            self.lora_B.weight.tp_split_dim = 0
+        elif self.kind == "row":
+            self.lora_A.weight.tp_split_dim = 1
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -64,16 +72,9 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         a = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))
-        if self.kind == "column":
-            # replicated A output feeds a split B: sum its gradient over the ranks in backward
-            from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region
-
-            a = copy_to_model_parallel_region(a)
-        elif self.kind == "row":
-            # each rank's A saw only its slice of the input: sum the partial products
-            from fairscale.nn.model_parallel.mappings import reduce_from_model_parallel_region
-
-            a = reduce_from_model_parallel_region(a)
+        # column: the replicated A output feeds a split B, so its gradient is summed over the ranks;
+        # row: each rank's A saw only its slice of the input, so the partial products are summed
+        a = parallel_forward(self.kind, a)
         return y + (self.lora_B(a) * self.scaling).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -99,13 +100,13 @@ class LoRALinear(nn.Module):
 def resolve_targets(targets) -> list[str]:
     """'all-linear', or names in ours (wq) or HF's (q_proj) spelling -> our module names."""
     if targets == "all-linear" or targets == ["all-linear"]:
-        return list(TARGETS)
+        return list(LINEAR_NAMES)
     names = [targets] if isinstance(targets, str) else list(targets)
     out = []
     for name in names:
         ours = _FROM_HF.get(name, name)
-        if ours not in TARGETS:
-            known = ", ".join(f"{o}/{h}" for o, h in TARGETS.items())
+        if ours not in LINEAR_NAMES:
+            known = ", ".join(f"{o}/{h}" for o, h in LINEAR_NAMES.items())
             raise LlamaInputError(f"unknown LoRA target {name!r}; use all-linear or some of {known}")
         out.append(ours)
     return out
@@ -133,3 +134,71 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def set_merged(model: nn.Module, merged: bool) -> None:
     for layer in lora_layers(model).values():
         layer.merge() if merged else layer.unmerge()
+
+
+@register_method
+class LoRA(Method):
+    name = "lora"
+    peft_type = "LORA"
+    can_merge = True
+
+    def attach(self, model, cfg, tokenizer):
+        apply_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_rslora)
+        return model
+
+    def adapter_tensors(self, model):
+        """lora_A / lora_B of every adapted linear under PEFT's HF names, whole; B's q/k rows
+        permuted to HF's rotary layout so the adapter fits HF weights."""
+        args = model.args
+        out = {}
+        for path, layer in lora_layers(model).items():
+            key = f"{path}.weight"
+            hf = meta_to_hf_key(key).removesuffix(".weight")
+            a = gather_split(layer.lora_A.weight.detach(), getattr(layer.lora_A.weight, "tp_split_dim", None))
+            b = gather_split(layer.lora_B.weight.detach(), getattr(layer.lora_B.weight, "tp_split_dim", None))
+            out[f"{PEFT_PREFIX}{hf}.lora_A.weight"] = a
+            out[f"{PEFT_PREFIX}{hf}.lora_B.weight"] = to_hf_rows(b, key, args)
+        return out
+
+    def peft_config(self, cfg, model):
+        return {"peft_type": "LORA", "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+                "lora_dropout": cfg.lora_dropout, "use_rslora": cfg.use_rslora, "bias": "none", "fan_in_fan_out": False,
+                "target_modules": [LINEAR_NAMES[t] for t in resolve_targets(cfg.lora_targets)]}
+
+    def load(self, model, config, tensors, where):
+        apply_lora(model, config["target_modules"], config["r"], config["lora_alpha"], 0.0, config.get("use_rslora", False))
+        for path, layer in lora_layers(model).items():
+            hf = f"{PEFT_PREFIX}{meta_to_hf_key(f'{path}.weight').removesuffix('.weight')}"
+            for part in ("lora_A", "lora_B"):
+                key = f"{hf}.{part}.weight"
+                if key not in tensors:
+                    raise LlamaInputError(f"{where}: adapter lacks {key}")
+                t = tensors[key].float()
+                if part == "lora_B":
+                    t = from_hf_rows(t, f"{path}.weight", model.args)
+                weight = getattr(layer, part).weight
+                t = local_slice(t, getattr(weight, "tp_split_dim", None))
+                if t.shape != weight.shape:
+                    raise LlamaInputError(f"{where}: {key} has shape {tuple(t.shape)}, expected {tuple(weight.shape)}")
+                with torch.no_grad():
+                    weight.copy_(t)
+        return model
+
+    def merged_state_dict(self, model, quantized_dtype=torch.bfloat16):
+        """A LoRA'd model's weights with each adapter folded into its base weight, under the plain
+        model's names (layers.0.attention.wq.weight), in the base dtype. Quantized (int4/NF4) bases
+        are dequantized to `quantized_dtype`, so the result is a plain float checkpoint (re-quantize
+        it with `python -m quant` if wanted)."""
+        quantized = {path: m for path, m in model.named_modules() if hasattr(m, "dequantized_weight")}
+        state = {}
+        for name, t in model.state_dict().items():
+            if ".lora_A." in name or ".lora_B." in name or any(name.startswith(f"{p}.") for p in quantized):
+                continue
+            state[name.replace(".base.", ".")] = t
+        for path, layer in quantized.items():  # one layer at a time onto the host: the GPU never holds a float copy
+            state[f"{path.removesuffix('.base')}.weight"] = layer.dequantized_weight(quantized_dtype).cpu()
+        for path, layer in lora_layers(model).items():
+            key = f"{path}.weight"
+            delta = layer.delta_weight().detach().to(state[key].device)
+            state[key] = (state[key].float() + delta).to(state[key].dtype)
+        return state
