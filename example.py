@@ -24,10 +24,10 @@ DEFAULT_PROMPTS = ["The quick robot", "What is 12 plus 30?"]
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt_dir", help=f"checkpoint folder (default: the demo model at {DEMO_CKPT}, if built)")
-    p.add_argument("--tokenizer_path", help="sentencepiece tokenizer.model (default: in ckpt_dir or its parent)")
+    p.add_argument("--tokenizer_path", help="tokenizer.model (sentencepiece or Llama-3 tiktoken) or tokenizer.json, kind read from the content (default: tokenizer.model, then tokenizer.json, in ckpt_dir or its parent)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat the flag for a batch")
     p.add_argument("--prompts_file", help="text file with one prompt per line (with --chat: one user message per line)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the Llama-2 chat format")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user message in the chat format of the tokenizer: Llama-2 ([INST]) or Llama-3 (header tokens, <|eot_id|>)")
     p.add_argument("--temperature", type=float, default=0.6, help="sampling temperature; 0 means greedy (default 0.6)")
     p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling: keep the smallest set of tokens with this mass (default 0.9)")
     p.add_argument("--top_k", type=int, default=None, help="keep only the k most likely tokens before top-p (default: off)")
@@ -97,6 +97,8 @@ def main(argv=None) -> int:
         template = None
         if args.adapter:
             template = use_adapter(generator, args.adapter, args.max_batch_size, args.max_seq_len)
+            if template == "llama3-chat" and not args.raw:  # a chat format, not a text template
+                args.chat, template = True, None
             say(f"adapter {args.adapter}" + (f" (prompts wrapped in its {template} template)" if template and not args.raw else ""))
         wrap = (lambda p: p) if template is None or args.raw else (lambda p: prompt_for(template, p))  # noqa: E731
         sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_gen_len=args.max_gen_len)

@@ -9,6 +9,7 @@ setup(
     install_requires=[
         "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         "sentencepiece",
+        "tiktoken",  # Llama-3's BPE; the same library Meta's reference tokenizer uses
         "safetensors",
         "numpy",
         "fairscale",
@@ -18,7 +19,9 @@ setup(
     extras_require={
         # references the tests compare against; never imported by the package
         # triton: the GPU int4 kernel is checked on CPU under TRITON_INTERPRET=1
-        "test": ["pytest", "transformers>=4.45", "peft>=0.13", "triton"],
+        # llama-models: Meta's reference Llama-3 tokenizer and chat format, and the real tokenizer.model,
+        # as test references
+        "test": ["pytest", "transformers>=4.45", "peft>=0.13", "triton", "llama-models==0.3.0"],
         # peers the benchmarks run beside ours (llama.cpp too when llama-cpp-python and gguf are installed)
         "bench": ["transformers>=4.56", "peft>=0.13"],  # 4.56: from_pretrained(dtype=)
     },

@@ -19,7 +19,7 @@ def _key(default, help: str, group: str, **kw):
 class TrainConfig:
     # [model]
     ckpt_dir: str = _key("", "base checkpoint folder (Meta, HF or ours; a split checkpoint trains tensor-parallel)", "model")
-    tokenizer_path: str = _key("", "sentencepiece tokenizer.model (default: in ckpt_dir or its parent)", "model")
+    tokenizer_path: str = _key("", "tokenizer.model (sentencepiece or Llama-3 tiktoken) or tokenizer.json, kind read from the content (default: tokenizer.model, then tokenizer.json, in ckpt_dir or its parent)", "model")
     dtype: str = _key("auto", "dtype of the frozen base weights: bfloat16, float16, float32, or auto (bfloat16 on GPU, "
                               "float32 on CPU, where 16-bit matmuls run ~10x slower without native support)", "model")
     quant: str = _key("none", "base weights: int4 (a GPTQ folder as is; float weights rounded to nearest on load), "
@@ -43,7 +43,8 @@ class TrainConfig:
     train_file: str = _key("", "training data: JSON array or JSONL", "data")
     eval_file: str = _key("", "evaluation data (default: eval_split of train_file held out)", "data")
     eval_split: float = _key(0.05, "fraction of train_file held out for eval when there is no eval_file", "data")
-    template: str = _key("alpaca", "sft prompt template: alpaca, vicuna, llama2-chat or plain", "data")
+    template: str = _key("auto", "sft prompt template: auto (llama3-chat with a Llama-3 tokenizer, else alpaca), "
+                               "alpaca, vicuna, llama2-chat, llama3-chat or plain", "data")
     train_on_prompt: bool = _key(False, "also compute the loss on prompt tokens", "data")
     cutoff_len: int = _key(512, "longest sample in tokens; longer ones are cut (pt: split)", "data")
     packing: bool = _key(False, "pack several samples into one row (attention stays inside each sample)", "data")
@@ -81,7 +82,7 @@ class TrainConfig:
             "method": tuple(METHODS), "task": ("sft", "pt", "cls", "regression"),
             "precision": ("auto", "bf16", "fp16", "fp32"), "quant": ("none", "int4", "nf4"),
             "prompt_init": ("text", "vocab", "random"), "dtype": ("auto", "bfloat16", "float16", "float32"),
-            "template": TEMPLATES,
+            "template": ("auto",) + TEMPLATES,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

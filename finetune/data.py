@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from llama.chat import llama3_content, llama3_header, llama3_message
 from llama.errors import LlamaInputError
 from llama.tokenizers import Tokenizer
 
@@ -28,7 +29,7 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
-TEMPLATES = ("alpaca", "vicuna", "llama2-chat", "plain")
+TEMPLATES = ("alpaca", "vicuna", "llama2-chat", "llama3-chat", "plain")
 
 
 @dataclass
@@ -115,9 +116,12 @@ def conversation(row: dict, fmt: str) -> tuple[str | None, list[tuple[str, str]]
 # --- templates -------------------------------------------------------------------------------
 
 
-def render(template: str, system: str | None, turns: list[tuple[str, str]], alpaca_row: dict | None = None):
-    """[(text, is_answer, new_round)] pieces of a conversation in a prompt template. Answers end
-    with eos; new_round marks a piece that starts with bos (Llama-2 chat's later rounds)."""
+def render(template: str, system: str | None, turns: list[tuple[str, str]], alpaca_row: dict | None = None,
+           tokenizer: Tokenizer | None = None):
+    """[(text, is_answer, new_round)] pieces of a conversation in a prompt template. Text answers
+    end with eos; new_round marks a piece that starts with bos (Llama-2 chat's later rounds).
+    llama3-chat's pieces are token ids already (Meta's ChatFormat, llama/chat.py: special
+    tokens, each answer ending in <|eot_id|>), so it needs the tokenizer."""
     pieces = []
     for i, (user, answer) in enumerate(turns):
         if template == "alpaca":
@@ -133,6 +137,11 @@ def render(template: str, system: str | None, turns: list[tuple[str, str]], alpa
         elif template == "llama2-chat":
             user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}" if i == 0 and system else user
             pieces += [(f"[INST] {user.strip()} [/INST]", False, i > 0), (answer.strip(), True, False)]
+        elif template == "llama3-chat":
+            if i == 0 and system:
+                pieces.append((llama3_message(tokenizer, "system", system), False, False))
+            pieces += [(llama3_message(tokenizer, "user", user) + llama3_header(tokenizer, "assistant"), False, False),
+                       (llama3_content(tokenizer, answer), True, False)]
         elif template == "plain":
             pieces += [(user + "\n", False, False), (answer, True, False)]
         else:
@@ -140,15 +149,25 @@ def render(template: str, system: str | None, turns: list[tuple[str, str]], alpa
     return pieces
 
 
+def resolve_template(template: str, tokenizer: Tokenizer) -> str:
+    """"auto": Llama-3's chat format for a Llama-3 vocabulary, alpaca otherwise."""
+    if template != "auto":
+        return template
+    return "llama3-chat" if tokenizer.chat_format == "llama3" else "alpaca"
+
+
 def prompt_for(template: str, user: str) -> str:
-    """The text a template puts before the answer to a single user message (for generation)."""
+    """The text a template puts before the answer to a single user message (for generation).
+    llama3-chat is a chat format of special tokens: generate with chat_completion instead."""
+    if template == "llama3-chat":
+        raise LlamaInputError("llama3-chat prompts are dialogs of special tokens: use chat completion (--chat)")
     return "".join(text for text, is_answer, _ in render(template, None, [(user, "")]) if not is_answer)
 
 
 def tokenize_pieces(tokenizer: Tokenizer, pieces, train_on_prompt: bool) -> Example:
     ids, labels, prompt_len = [tokenizer.bos_id], [IGNORE], None
     for text, is_answer, new_round in pieces:
-        toks = tokenizer.encode(text, bos=new_round, eos=is_answer)
+        toks = text if isinstance(text, list) else tokenizer.encode(text, bos=new_round, eos=is_answer)
         if is_answer and prompt_len is None:
             prompt_len = len(ids)
         ids += toks
@@ -217,7 +236,7 @@ def load_examples(path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list[Exa
 def make_example(row: dict, fmt: str, tokenizer: Tokenizer, cfg: DataConfig, label_names: list[str]) -> Example:
     if cfg.task == "sft":
         system, turns = conversation(row, fmt)
-        pieces = render(cfg.template, system, turns, row if fmt == "alpaca" else None)
+        pieces = render(cfg.template, system, turns, row if fmt == "alpaca" else None, tokenizer)
         return tokenize_pieces(tokenizer, pieces, cfg.train_on_prompt)
     text = row["text"]
     if not isinstance(text, str) or not text:

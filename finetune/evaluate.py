@@ -46,7 +46,7 @@ def eval_metrics(task_model: TaskModel, items: list, batch_size: int, pad_id: in
 @torch.no_grad()
 def exact_match(task_model: TaskModel, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int) -> float:
     """Fraction of examples whose greedy answer, generated after the prompt tokens, equals the
-    reference answer token for token (eos excluded)."""
+    reference answer token for token, up to its first stop token (eos; Llama-3's <|eot_id|>)."""
     task_model.eval()
     model = task_model.model
     longest = max(len(ex.ids) for ex in examples) + max_new_tokens
@@ -57,7 +57,8 @@ def exact_match(task_model: TaskModel, tokenizer, examples: list[Example], max_n
         chunk = examples[i:i + batch_size]
         answers = generator.generate([ex.ids[:ex.prompt_len] for ex in chunk], max_new_tokens, temperature=0.0)
         for ex, got in zip(chunk, answers):
-            want = [t for t in ex.ids[ex.prompt_len:] if t != tokenizer.eos_id]
+            rest = ex.ids[ex.prompt_len:]
+            want = rest[:next((j for j, t in enumerate(rest) if t in tokenizer.stop_ids), len(rest))]
             hits += got == want
     model.clear_caches()
     task_model.train()

@@ -35,7 +35,7 @@ from llama.placement import device_shares, place_layers, resolve_devices
 from llama.tokenizers import Tokenizer, check_vocab, find_tokenizer
 from finetune.adapters import attach, save_trained
 from finetune.config import TrainConfig
-from finetune.data import DataConfig, Example, collate, load_examples, micro_batch, pack
+from finetune.data import DataConfig, Example, collate, load_examples, micro_batch, pack, resolve_template
 from finetune.evaluate import all_reduce_sum, eval_metrics, exact_match
 from finetune.heads import TaskModel
 from finetune.methods import Method, get_method
@@ -148,6 +148,7 @@ def setup(cfg: TrainConfig) -> Run:
     args = read_model_args(cfg.ckpt_dir)
     tokenizer = Tokenizer(cfg.tokenizer_path or find_tokenizer(cfg.ckpt_dir))
     check_vocab(args, tokenizer)
+    cfg.template = resolve_template(cfg.template, tokenizer)  # saved with the adapter as resolved
     dtype = base_dtype(cfg.dtype, (devices or [device])[0])
     model = load_model(cfg.ckpt_dir, args, dtype, device, model_parallel_rank(), tp,
                        quant=cfg.quant, group_size=cfg.quant_group_size)

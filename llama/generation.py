@@ -1,8 +1,9 @@
 """Llama.build and batched text/chat completion with left padding and a KV cache."""
-from typing import Callable, Optional, TypedDict
+from typing import Callable, Optional
 
 import torch
 
+from llama.chat import Message, encode_dialog
 from llama.distributed import setup_model_parallel
 from llama.errors import LlamaInputError
 from llama.formats import read_model_args
@@ -24,15 +25,6 @@ def parse_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise LlamaInputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     return DTYPES[dtype]
-
-
-class Message(TypedDict):
-    role: str  # "system" | "user" | "assistant"
-    content: str
-
-
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: Optional[int], generator) -> torch.Tensor:
@@ -116,7 +108,8 @@ class Llama:
         top_k: Optional[int] = None,
         on_token: Optional[Callable[[int], None]] = None,
     ) -> list[list[int]]:
-        """Generate up to max_gen_len tokens after each prompt; each row stops at its own eos.
+        """Generate up to max_gen_len tokens after each prompt; each row stops at its first stop
+        token (eos; Llama-3 also `<|eot_id|>` and `<|eom_id|>`), which is not returned.
         Prompts are left-padded into one batch. on_token(token) streams row 0's tokens."""
         bsz = len(prompt_tokens)
         if bsz > self.max_batch_size:
@@ -136,6 +129,7 @@ class Llama:
         if not pad_lens.any():
             pad_lens = None  # no padding: no masks to build, and SDPA's unmasked kernels
 
+        stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids), device=device)
         out: list[list[int]] = [[] for _ in range(bsz)]
         done = torch.zeros(bsz, dtype=torch.bool, device=device)
         logits = self.model(tokens, 0, pad_lens, last_only=True)[:, -1].to(device)
@@ -143,12 +137,13 @@ class Llama:
         for cur_pos in range(prompt_len, total_len):
             next_token = sample(logits, temperature, top_p, top_k, self.generator)
             next_token = torch.where(done, self.tokenizer.eos_id, next_token)
-            for row, tok in enumerate(next_token.tolist()):
-                if not done[row] and tok != self.tokenizer.eos_id:
+            stopped = torch.isin(next_token, stop_ids)
+            for row, (tok, stop, finished) in enumerate(zip(next_token.tolist(), stopped.tolist(), done.tolist())):
+                if not finished and not stop:
                     out[row].append(tok)
                     if row == 0 and on_token is not None:
                         on_token(tok)
-            done |= next_token == self.tokenizer.eos_id
+            done |= stopped
             if done.all() or cur_pos + 1 == total_len:
                 break
             logits = step(next_token[:, None], cur_pos, pad_lens)[:, -1].to(device)
@@ -176,8 +171,8 @@ class Llama:
         max_gen_len: Optional[int] = None,
         on_text: Optional[Callable[[str], None]] = None,
     ) -> list[dict]:
-        """[{"generation": {"role": "assistant", "content": str}}] for each dialog, in the
-        Llama-2 chat format."""
+        """[{"generation": {"role": "assistant", "content": str}}] for each dialog, in the chat
+        format of the tokenizer's vocabulary (Llama-2's or Llama-3's, llama/chat.py)."""
         prompt_tokens = [self.encode_dialog(d) for d in dialogs]
         results = self._complete(prompt_tokens, temperature, top_p, top_k, max_gen_len, on_text)
         return [{"generation": {"role": "assistant", "content": r["generation"]}} for r in results]
@@ -193,19 +188,5 @@ class Llama:
         return [{"generation": self.tokenizer.decode(t)} for t in generated]
 
     def encode_dialog(self, dialog: list[Message]) -> list[int]:
-        """Llama-2 chat: `<s>[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{user} [/INST] {answer} </s>`
-        per exchange, ending with the last user message and an open `[/INST]`."""
-        if dialog and dialog[0]["role"] == "system":
-            first = {"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
-            dialog = [first] + list(dialog[2:])
-        roles = [m["role"] for m in dialog]
-        if roles[0::2] != ["user"] * len(roles[0::2]) or roles[1::2] != ["assistant"] * len(roles[1::2]):
-            raise LlamaInputError("a dialog must alternate user/assistant, starting with user (after an optional system)")
-        if roles[-1] != "user":
-            raise LlamaInputError("a dialog must end with a user message")
-        tokens: list[int] = []
-        for user, answer in zip(dialog[0::2], dialog[1::2]):
-            text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
-            tokens += self.tokenizer.encode(text, bos=True, eos=True)
-        tokens += self.tokenizer.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
-        return tokens
+        """The dialog's prompt tokens in the tokenizer's chat format (llama/chat.py)."""
+        return encode_dialog(self.tokenizer, dialog)

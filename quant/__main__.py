@@ -26,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seq_len", type=int, default=2048, help="tokens per calibration window")
     p.add_argument("--damp", type=float, default=0.01, help="GPTQ damping, as a fraction of the mean Hessian diagonal")
     p.add_argument("--device", default="cpu", help="where each block and the calibration activations are processed (cuda for 7B and up)")
-    p.add_argument("--tokenizer_path", help="sentencepiece tokenizer.model (default: in ckpt_dir or its parent); copied to --out")
+    p.add_argument("--tokenizer_path", help="tokenizer.model or tokenizer.json (default: in ckpt_dir or its parent); copied to --out")
     return p
 
 

@@ -15,7 +15,7 @@ from llama.config import ModelArgs
 from llama.errors import LlamaInputError
 from llama.files import atomic_write_bytes, fsync_dir, save_safetensors
 from llama.formats import Checkpoint, iter_hf_names, quantization_config, register_format
-from llama.formats.base import find_file, single_part
+from llama.formats.base import single_part, tokenizer_beside
 from llama.formats.hf import HFLayout, hf_weight_files
 from llama.layers import BLOCK_LINEARS, expected_shapes, from_hf_rows, hf_to_meta_key, lookup, meta_to_hf_key, \
     rope_heads, to_hf_rows
@@ -102,7 +102,7 @@ def load_int4(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_r
     emb = plain.get("tok_embeddings.weight")
     if "output.weight" not in plain and args.tie_word_embeddings and emb is not None and mp_size == 1:
         plain["output.weight"] = replace(emb, key="output.weight", tied_to=emb.key)
-    ckpt = Checkpoint(d, GPTQ.name, args, plain, [d / "config.json"] + hf_weight_files(d), find_file(d, "tokenizer.model"))
+    ckpt = Checkpoint(d, GPTQ.name, args, plain, [d / "config.json"] + hf_weight_files(d), tokenizer_beside(d))
     for module_path in parts:
         table_row, layer = lookup(module_path + ".weight")
         if table_row is None or table_row.module not in BLOCK_LINEARS:  # e.g. a quantized lm_head: ours stays float
@@ -194,7 +194,9 @@ def save_int4(model: Transformer, out_dir, quant: dict, tokenizer_path=None) -> 
         atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2).encode())
         atomic_write_bytes(tmp / "quantize_config.json", json.dumps(quant, indent=2).encode())
         if tokenizer_path is not None and Path(tokenizer_path).is_file():
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+            # kept under its own name: tokenizer.model, or tokenizer.json (HF Llama-3)
+            shutil.copyfile(tokenizer_path, tmp / ("tokenizer.json" if Path(tokenizer_path).suffix == ".json"
+                                                   else "tokenizer.model"))
         os.chmod(tmp, 0o755)
         if out.exists():
             out.rmdir()

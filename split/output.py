@@ -193,7 +193,7 @@ def check_output(out: Path, src: Checkpoint, request: dict, files: list, overwri
 
 def write_split(src: Checkpoint, files: list, out: Path, fmt: str, request: dict, extra: dict,
                 overwrite: bool, progress: bool = True) -> dict:
-    """Write the data files, params.json, tokenizer.model and, last, split.json. Returns the
+    """Write the data files, params.json, the tokenizer and, last, split.json. Returns the
     manifest."""
     out.mkdir(parents=True, exist_ok=True)
     if overwrite:  # the old checkpoint goes first, so the folder never holds a mixture of two
@@ -207,9 +207,9 @@ def write_split(src: Checkpoint, files: list, out: Path, fmt: str, request: dict
     src.args.write_params_json(out / "params.json")
     records.append(_record(out / "params.json"))
     if src.tokenizer is not None:
-        with atomic_path(out / "tokenizer.model") as tmp:
+        with atomic_path(out / src.tokenizer.name) as tmp:
             shutil.copyfile(src.tokenizer, tmp)
-        records.append(_record(out / "tokenizer.model"))
+        records.append(_record(out / src.tokenizer.name))
     manifest = {**request, **extra, "files": records}
     atomic_write_bytes(out / MANIFEST, json.dumps(manifest, indent=2).encode() + b"\n")
     return manifest

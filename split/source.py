@@ -15,7 +15,7 @@ from typing import Optional
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
 from llama.formats import META, OURS, Checkpoint, detect_format, open_checkpoint
-from llama.formats.base import find_file, single_part
+from llama.formats.base import single_part, tokenizer_beside
 from llama.formats.tensorfiles import SafetensorsFile
 
 MANIFEST = "split.json"
@@ -100,4 +100,4 @@ def _open_stages(d: Path, manifest: Optional[dict]) -> Checkpoint:
             if key in tensors:
                 raise LlamaInputError(f"{path}: tensor {key} is also in {tensors[key].path.name}")
             tensors[key] = single_part(f, key)
-    return Checkpoint(d, "stages", args, tensors, [d / "params.json"] + files, find_file(d, "tokenizer.model"))
+    return Checkpoint(d, "stages", args, tensors, [d / "params.json"] + files, tokenizer_beside(d))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
@@ -596,3 +597,62 @@ class CountCalls(torch.overrides.TorchFunctionMode):
 
     def count(self, name: str) -> int:
         return self.names.count(name)
+
+
+# --- tiny tiktoken vocabularies (tests/llama/test_tokenizers.py) ----------------------------------
+
+# Meta's Llama-3 split pattern, transcribed from llama_models/llama3/tokenizer.py (`pat_str`)
+META_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+# Meta's 256 Llama-3 special tokens in order, as llama_models/llama3/tokenizer.py lists them
+SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+            "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|eom_id|>", "<|eot_id|>", "<|python_tag|>", "<|image|>"]
+SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - len(SPECIALS))]
+assert len(SPECIALS) == 256 and SPECIALS[-1] == "<|reserved_special_token_245|>"
+
+
+def tiktoken_training_text() -> str:
+    """A few KB: llama.tiny's sentences, plus CJK, accents, emoji, CRLF, code and white-space runs,
+    so the vocabulary holds multi-byte pieces and white-space tokens."""
+    from llama.tiny import corpus
+
+    uni = ("日本語のテキストです。中文文本也在这里。한국어 텍스트. Ünïcödé àccents — “quotes” "
+           "😀👍🏽 emoji 😀😀!\r\n")
+    code = "    indented code\n\tdef f(x):\n\t\treturn x  # comment\n\n\n"
+    caps = "'SA 'SA 'LL 'LL " * 5  # tokens "SA", "LL": "IT'SALL" then encodes by where the pattern splits it
+    return "\n".join(corpus(n_lines=80, seed=0)) + "\n" + uni * 6 + code * 6 + caps + " " * 7 + "\n" * 5
+
+
+def write_tiktoken_file(path, ranks: dict) -> None:
+    """tiktoken's format, as Meta's tokenizer.model: `base64(token) rank` per line, by rank."""
+    import base64
+
+    lines = [f"{base64.b64encode(tok).decode()} {rank}\n" for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])]
+    Path(path).write_text("".join(lines))
+
+
+def tiny_tiktoken(path, vocab_size: int = 360) -> dict:
+    """Train byte-level BPE ranks with tiktoken's educational trainer and Meta's pattern on
+    tiktoken_training_text(), write them to `path` in tiktoken's format; return the ranks."""
+    from tiktoken._educational import bpe_train
+
+    ranks = bpe_train(tiktoken_training_text(), vocab_size=vocab_size, pat_str=META_PAT, visualise=None)
+    write_tiktoken_file(path, ranks)
+    return ranks
+
+
+def convert_to_hf_json(tiktoken_path, out: Path) -> Path:
+    """transformers' own tiktoken -> tokenizer.json converter (what made Llama-3's tokenizer.json)."""
+    from tokenizers import AddedToken
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken's loader would cache a copy of the file in /tmp
+        hf = TikTokenConverter(vocab_file=str(tiktoken_path), pattern=META_PAT).converted()
+    # Meta's specials, added after the vocabulary in this order (as transformers' Llama-3 conversion does)
+    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+    hf.save(str(out))
+    return out

@@ -287,5 +287,10 @@ def open_checkpoint(ckpt_dir, parts: int = 1, rank: int = 0) -> Checkpoint:
 
 
 def find_file(d: Path, name: str) -> Optional[Path]:
-    """d/name if it is a file (a tokenizer shipped beside the weights), else None."""
+    """d/name if it is a file, else None."""
     return d / name if (d / name).is_file() else None
+
+
+def tokenizer_beside(d: Path) -> Optional[Path]:
+    """The tokenizer shipped beside the weights: tokenizer.model, else tokenizer.json (HF Llama-3)."""
+    return find_file(d, "tokenizer.model") or find_file(d, "tokenizer.json")

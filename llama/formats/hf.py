@@ -7,7 +7,7 @@ from typing import Iterator, Optional
 
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
-from llama.formats.base import Checkpoint, Format, find_file, single_part
+from llama.formats.base import Checkpoint, Format, single_part, tokenizer_beside
 from llama.formats.tensorfiles import open_tensor_file
 from llama.layers import IGNORED_KEYS, hf_to_meta_key, rope_heads
 
@@ -84,7 +84,7 @@ class HFLayout(Format):
         args = self.read_args(d)
         tensors = {key: single_part(f, name, key, rope_heads(key, args)) for _, f, name, key in iter_hf_names(d)}
         return Checkpoint(d, self.name, args, tensors, [d / "config.json"] + hf_weight_files(d),
-                          find_file(d, "tokenizer.model"))
+                          tokenizer_beside(d))
 
 
 HF = HFLayout()

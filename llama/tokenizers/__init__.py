@@ -1,19 +1,29 @@
-"""Tokenizers behind one interface (`Tokenizer(path)` picks the kind from the file's content):
-sentencepiece today."""
+"""Tokenizers behind one interface (`Tokenizer(path)` picks the kind from the file's content, not
+its name): Meta's Llama-3 tiktoken `tokenizer.model` (tiktoken_bpe.py), HF's byte-level BPE
+`tokenizer.json` as Llama-3 ships it (hf_json.py), and sentencepiece models (LLaMA-1/2), the
+fallback that reports the files no kind reads."""
 from pathlib import Path
 
 from llama.errors import LlamaInputError
 from llama.tokenizers.base import KINDS, StreamDecoder, Tokenizer, register_tokenizer
+# imported for their registration; sentencepiece (the fallback) goes last whatever the order
 from llama.tokenizers.sentencepiece import SentencePieceTokenizer
+from llama.tokenizers.tiktoken_bpe import TiktokenTokenizer
+from llama.tokenizers.hf_json import HFJsonTokenizer
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # in the order we look for them
 
 
 def find_tokenizer(ckpt_dir) -> Path:
-    """tokenizer.model in the checkpoint folder or its parent (Meta's layout)."""
+    """tokenizer.model in the checkpoint folder or its parent (Meta's layout); failing that,
+    tokenizer.json there (HF Llama-3 folders ship it, sometimes without tokenizer.model)."""
     d = Path(ckpt_dir)
-    for candidate in (d / "tokenizer.model", d.parent / "tokenizer.model"):
-        if candidate.is_file():
-            return candidate
-    raise LlamaInputError(f"{d}: no tokenizer.model here or in the parent folder; pass --tokenizer_path")
+    for name in TOKENIZER_FILES:
+        for candidate in (d / name, d.parent / name):
+            if candidate.is_file():
+                return candidate
+    raise LlamaInputError(f"{d}: no tokenizer.model or tokenizer.json here or in the parent folder; "
+                          "pass --tokenizer_path")
 
 
 def check_vocab(args, tokenizer: Tokenizer) -> None:
@@ -26,5 +36,5 @@ def check_vocab(args, tokenizer: Tokenizer) -> None:
         )
 
 
-__all__ = ["KINDS", "SentencePieceTokenizer", "StreamDecoder", "Tokenizer", "check_vocab", "find_tokenizer",
-           "register_tokenizer"]
+__all__ = ["KINDS", "HFJsonTokenizer", "SentencePieceTokenizer", "StreamDecoder", "TiktokenTokenizer", "Tokenizer",
+           "check_vocab", "find_tokenizer", "register_tokenizer"]

@@ -12,14 +12,18 @@ SNIFF_BYTES = 4096  # what `accepts` sees of the file
 
 
 class Tokenizer:
-    """encode(text, bos, eos) -> ids and decode(ids) -> text, with bos_id, eos_id, pad_id, n_words
-    and the file's path."""
+    """encode(text, bos, eos) -> ids and decode(ids) -> text, with bos_id, eos_id, pad_id, n_words,
+    the ids that end a generation (`stop_ids`), the chat format the vocabulary was made for
+    ("llama2" or "llama3", see llama/chat.py) and the file's path. Text that looks like a special
+    token (`<|eot_id|>`) is encoded as plain text: special tokens only come from `special_id`."""
 
     path: Path
     n_words: int
     bos_id: int
     eos_id: int
     pad_id: int
+    stop_ids: frozenset
+    chat_format: str = "llama2"
 
     def __new__(cls, model_path):
         kind = tokenizer_kind(model_path)  # Tokenizer(path): the kind the file's content says
@@ -35,6 +39,10 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
+
+    def special_id(self, text: str):
+        """The id of special token `text` ("<|eot_id|>"), or None if the vocabulary has none."""
+        return None
 
     def stream(self, context: list[int] = ()) -> "StreamDecoder":
         return StreamDecoder(self, context)

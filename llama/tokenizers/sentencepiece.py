@@ -18,13 +18,15 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self.sp.Load(str(path))
         except (OSError, RuntimeError) as e:
-            raise LlamaInputError(f"{path}: not a sentencepiece model ({e})") from None
+            raise LlamaInputError(f"{path}: not a tokenizer we read: sentencepiece model, Llama-3 tiktoken "
+                                  f"tokenizer.model, or HF tokenizer.json (sentencepiece: {e})") from None
         self.path = path
         self.n_words: int = self.sp.vocab_size()
         self.bos_id: int = self.sp.bos_id()
         self.eos_id: int = self.sp.eos_id()
         # sentencepiece models usually have no pad piece (-1); padding slots are masked anyway
         self.pad_id: int = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.eos_id
+        self.stop_ids = frozenset({self.eos_id})
 
     def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
         ids = self.sp.EncodeAsIds(text)

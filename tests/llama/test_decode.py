@@ -244,7 +244,7 @@ def pair(request, tmp_path_factory, tokenizer_path):
     tokenizer = Tokenizer(tokenizer_path)
     assert tokenizer.n_words == VOCAB == model.args.vocab_size
     # neither side stops at eos (HF: eos_token_id=None): both must produce exactly N_NEW tokens
-    tokenizer.eos_id = -1
+    tokenizer.eos_id, tokenizer.stop_ids = -1, frozenset()
     model.setup_caches(4, 64)
     return case, hf, Llama(model, tokenizer, max_seq_len=64, max_batch_size=4)
 

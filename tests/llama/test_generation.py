@@ -27,15 +27,17 @@ def test_batched_greedy_equals_each_prompt_alone(tokenizer_path, n_kv_heads):
     assert any(len(t) > 5 for t in alone)
 
 
-def test_each_row_stops_at_its_own_eos(tokenizer_path):
+def test_each_row_stops_at_its_own_first_stop_token(tokenizer_path):
     llama = make_llama(tokenizer_path)
     prompts = [[1, 5, 6, 7], [1, 9]]
     alone = [llama.generate([p], max_gen_len=12, temperature=0)[0] for p in prompts]
-    # call row 1's third greedy token "eos": row 1 must stop before it, row 0 at its own first
-    # occurrence of that token (or never), and neither may change the other's tokens
-    llama.tokenizer.eos_id = stop = alone[1][2]
-    expected = [t[:t.index(stop)] if stop in t else t for t in alone]
-    assert len(expected[1]) == 2 and len(expected[0]) != 2
+    # call row 1's third greedy token and row 0's fifth "stop tokens" (as Llama-3 has eos,
+    # <|eot_id|> and <|eom_id|>): each row must stop before the first of either it meets, and
+    # neither may change the other's tokens
+    stops = {alone[1][2], alone[0][4]}
+    llama.tokenizer.stop_ids = frozenset(stops)
+    expected = [t[:min((t.index(s) for s in stops if s in t), default=len(t))] for t in alone]
+    assert len(expected[1]) == 2 and len(expected[0]) not in (2, 12)
     assert llama.generate(prompts, max_gen_len=12, temperature=0) == expected
 
 

@@ -30,12 +30,12 @@ def load_hf_folder(ckpt_dir):
 
 def greedy_tokens(model, prompt: list[int], n: int) -> list[int]:
     """Llama.generate at temperature 0 (argmax), n tokens, never stopping at eos: the tokenizer is
-    only asked for pad_id and eos_id, and eos_id -1 is no token (HF generated with min_new_tokens
-    = n, and make_golden.py checked its tokens are the plain argmax ones)."""
+    only asked for pad_id, eos_id and stop_ids, and there is no stop token (HF generated with
+    min_new_tokens = n, and make_golden.py checked its tokens are the plain argmax ones)."""
     from llama.generation import Llama
 
     model.setup_caches(1, 32)
-    llama = Llama(model, SimpleNamespace(pad_id=0, eos_id=-1), max_seq_len=32, max_batch_size=1)
+    llama = Llama(model, SimpleNamespace(pad_id=0, eos_id=-1, stop_ids=frozenset()), max_seq_len=32, max_batch_size=1)
     return llama.generate([prompt], max_gen_len=n, temperature=0)[0]
 
 
