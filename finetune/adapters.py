@@ -48,7 +48,7 @@ def mark_split_params(model: Transformer) -> None:
     if model_parallel_size() == 1:
         return
     for name, p in model.named_parameters():
-        dim = split_dim(name.replace(".base.", "."))  # a LoRA-wrapped base keeps its checkpoint key
+        dim = split_dim(name.replace(".base.", "."), model.args)  # a LoRA-wrapped base keeps its checkpoint key
         if dim is not None:
             p.tp_split_dim = dim
 

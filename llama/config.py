@@ -1,11 +1,15 @@
 """ModelArgs: the LLaMA hyperparameters, read from Meta `params.json` or HF `config.json`."""
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 from llama.errors import LlamaInputError
+
+# Llama-3's vocabulary has 128,256 tokens, Llama-1/2's 32,000: a whole checkpoint with at least
+# this many is split along the vocabulary, as Meta's Llama-3 code does.
+LLAMA3_MIN_VOCAB = 128_000
 
 # Meta's Llama-3.1 `params.json` says `use_scaled_rope: true` and leaves these values implicit.
 LLAMA31_ROPE_SCALING = {
@@ -31,6 +35,11 @@ class ModelArgs:
     rope_theta: float = 10000.0
     rope_scaling: Optional[dict] = None  # {"rope_type": "llama3"|"linear", "factor": ..., ...}
     tie_word_embeddings: bool = False
+    # How tensor-parallel shards split the embedding: True along the vocabulary (Meta's Llama-3
+    # code, VocabParallelEmbedding), False along dim (Llama-1/2, ParallelEmbedding). Read from
+    # the shards' shapes; None (a whole checkpoint): Llama-3's layout for a Llama-3-sized
+    # vocabulary (LLAMA3_MIN_VOCAB), Llama-2's below. A layout, not a hyperparameter: never written.
+    vocab_parallel: Optional[bool] = field(default=None, compare=False)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -44,6 +53,14 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def embedding_split_dim(self) -> int:
+        """The dim tensor-parallel shards split tok_embeddings on: 0 (vocabulary) or 1 (dim)."""
+        vocab_parallel = self.vocab_parallel
+        if vocab_parallel is None:
+            vocab_parallel = self.vocab_size >= LLAMA3_MIN_VOCAB
+        return 0 if vocab_parallel else 1
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -60,7 +77,7 @@ class ModelArgs:
     @classmethod
     def from_params_json(cls, path) -> "ModelArgs":
         params = _read_json(path)
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} - {"vocab_parallel"}
         if params.pop("use_scaled_rope", False) and "rope_scaling" not in params:
             params["rope_scaling"] = dict(LLAMA31_ROPE_SCALING)
         # Meta files carry keys we don't model (max_batch_size, max_seq_len...): ignore them.
@@ -115,6 +132,7 @@ class ModelArgs:
         """The `params.json` we write: Meta's keys, plus `hidden_dim` only where Meta's rule can't
         reproduce the width, and `rope_scaling`/`tie_word_embeddings` only when set."""
         params = asdict(self)
+        params.pop("vocab_parallel")
         derived = ModelArgs(**{**params, "hidden_dim": None}).ffn_hidden_dim
         if self.hidden_dim == derived:
             params["hidden_dim"] = None

@@ -6,17 +6,22 @@ Everything that renames, splits or permutes a weight reads this table: the check
 rows of B), int4 (the block linears, q/k columns) and the exporters (GGUF names).
 
 - split_dim: fairscale's tensor-parallel split. Column-parallel weights on dim 0 (output
-  features), row-parallel ones on dim 1 (input features), the embedding on dim 1 (LLaMA-1/2's
-  ParallelEmbedding); None: replicated (norms).
+  features), row-parallel ones on dim 1 (input features); None: replicated (norms). The
+  embedding's depends on the model (EMBEDDING): along the vocabulary, dim 0, in Meta's Llama-3
+  (VocabParallelEmbedding), along dim 1 in Llama-1/2 (ParallelEmbedding); see
+  ModelArgs.embedding_split_dim.
 - rope: wq and wk rotate pairs of their output rows. Meta's layout rotates interleaved pairs
   (x[2i], x[2i+1]); HF's rotates halves, so its converter permutes those rows within each head
   (wk with n_kv_heads heads). `rope` names the head count.
 """
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+
+
+EMBEDDING = "embedding"  # split_dim of the token embedding: ModelArgs.embedding_split_dim
 
 
 @dataclass(frozen=True)
@@ -25,8 +30,12 @@ class Weight:
     hf: str  # HF transformers' key
     gguf: str  # llama.cpp's tensor name
     shape: tuple  # sizes by name (see SIZES), in Meta's layout
-    split_dim: Optional[int]  # fairscale's tensor-parallel split; None: replicated
+    split_dim: Union[int, str, None]  # fairscale's tensor-parallel split; None: replicated; EMBEDDING: per model
     rope: Optional[str] = None  # "n_heads" / "n_kv_heads": rows permuted between Meta and HF, per head
+
+    def tp_dim(self, args) -> Optional[int]:
+        """Its split dim in the model `args` describes (resolving EMBEDDING)."""
+        return args.embedding_split_dim if self.split_dim == EMBEDDING else self.split_dim
 
     @property
     def module(self) -> str:
@@ -35,7 +44,7 @@ class Weight:
 
 
 WEIGHTS = (
-    Weight("tok_embeddings.weight", "model.embed_tokens.weight", "token_embd.weight", ("vocab", "dim"), 1),
+    Weight("tok_embeddings.weight", "model.embed_tokens.weight", "token_embd.weight", ("vocab", "dim"), EMBEDDING),
     Weight("layers.{}.attention.wq.weight", "model.layers.{}.self_attn.q_proj.weight", "blk.{}.attn_q.weight",
            ("q", "dim"), 0, rope="n_heads"),
     Weight("layers.{}.attention.wk.weight", "model.layers.{}.self_attn.k_proj.weight", "blk.{}.attn_k.weight",
@@ -111,10 +120,13 @@ def meta_to_hf_key(key: str) -> Optional[str]:
     return rename(key, "meta", "hf")
 
 
-def split_dim(key: str) -> Optional[int]:
-    """The dim along which tensor-parallel ranks split Meta key `key`, or None if replicated."""
+def split_dim(key: str, args) -> Optional[int]:
+    """The dim along which tensor-parallel ranks split Meta key `key` of the model `args`
+    describes, or None if replicated."""
     w, _ = lookup(key)
-    return None if w is None else w.split_dim
+    if w is None:
+        return None
+    return w.tp_dim(args)
 
 
 def rope_heads(key: str, args) -> Optional[int]:
@@ -130,8 +142,9 @@ def expected_shapes(args, parts: int = 1) -> dict[str, tuple]:
     dims divided by parts)."""
     def shape(w: Weight) -> tuple:
         sizes = [SIZES[s][1](args) for s in w.shape]
-        if parts > 1 and w.split_dim is not None:
-            sizes[w.split_dim] //= parts
+        dim = w.tp_dim(args)
+        if parts > 1 and dim is not None:
+            sizes[dim] //= parts
         return tuple(sizes)
 
     block = [w for w in WEIGHTS if "{}" in w.meta]

@@ -70,7 +70,7 @@ def fill(module: nn.Module, ckpt: Checkpoint, prefix: str, dtype=None, device="c
         if key not in ckpt.tensors:
             raise LlamaInputError(f"{ckpt.dir}: checkpoint lacks tensor {key}")
         t = ckpt.read(key)
-        dim = split_dim(key)
+        dim = split_dim(key, ckpt.args)
         if parts > 1 and dim is not None:
             t = t.chunk(parts, dim=dim)[rank]
         if tuple(t.shape) != tuple(p.shape):

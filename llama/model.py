@@ -157,7 +157,7 @@ class Transformer(nn.Module):
         if args.vocab_size <= 0:
             raise LlamaInputError("vocab_size must be set (take it from the tokenizer)")
         self.args = args
-        self.tok_embeddings = embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = embedding(args.vocab_size, args.dim, args.embedding_split_dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = column_linear(args.dim, args.vocab_size, gather_output=True)

@@ -64,10 +64,13 @@ def row_linear(in_features: int, out_features: int) -> nn.Module:
     )
 
 
-def embedding(vocab_size: int, dim: int) -> nn.Module:
-    """Token embedding split on the embedding dim (weight [vocab, dim/n]) as in LLaMA-1/2."""
+def embedding(vocab_size: int, dim: int, split_dim: int = 1) -> nn.Module:
+    """Token embedding split across ranks on dim 1 (weight [vocab, dim/n]) as in LLaMA-1/2, or
+    on dim 0, the vocabulary (weight [vocab/n, dim]) as in Meta's Llama-3."""
     if model_parallel_size() == 1:
         return nn.Embedding(vocab_size, dim)
+    if split_dim == 0:
+        return _vocab_embedding(vocab_size, dim)
     from fairscale.nn.model_parallel.layers import ParallelEmbedding
 
     local_dim = _local(dim, "embedding dim")
@@ -75,6 +78,23 @@ def embedding(vocab_size: int, dim: int) -> nn.Module:
         ParallelEmbedding, num_embeddings=vocab_size, embedding_dim=dim, embedding_dim_per_partition=local_dim,
         padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False, _weight=None,
         weight=nn.Parameter(torch.empty(vocab_size, local_dim)),
+    )
+    del layer.bias  # embeddings have none
+    return layer
+
+
+def _vocab_embedding(vocab_size: int, dim: int) -> nn.Module:
+    """fairscale's VocabParallelEmbedding: each rank holds a contiguous range of token rows,
+    looks up the tokens in it (zeros for the others), and the ranks sum their outputs."""
+    from fairscale.nn.model_parallel.layers import VocabParallelEmbedding
+
+    local_vocab = _local(vocab_size, "vocab size")
+    start = model_parallel_rank() * local_vocab
+    layer = _bare(
+        VocabParallelEmbedding, num_embeddings=vocab_size, embedding_dim=dim, padding_idx=None, max_norm=None,
+        norm_type=2.0, scale_grad_by_freq=False, sparse=False, _weight=None, vocab_start_index=start,
+        vocab_end_index=start + local_vocab, num_embeddings_per_partition=local_vocab,
+        weight=nn.Parameter(torch.empty(local_vocab, dim)),
     )
     del layer.bias  # embeddings have none
     return layer

@@ -17,9 +17,12 @@ from split.output import OutFile, Piece, check_output, write_split
 from split.source import file_records, open_source
 
 MODES = ("tp", "layers")
-# recorded in split.json: the split dim of each split weight, by its key without the layer prefix
-SPLIT_DIMS = {w.meta.removeprefix("layers.{}."): w.split_dim for w in WEIGHTS if w.split_dim is not None}
 FORMATS = ("safetensors", "pth")
+
+
+def split_dims(args) -> dict:
+    """Recorded in split.json: the split dim of each split weight, by its key without the layer prefix."""
+    return {w.meta.removeprefix("layers.{}."): w.tp_dim(args) for w in WEIGHTS if w.tp_dim(args) is not None}
 
 
 def check_divisible(src: Checkpoint, n: int) -> None:
@@ -29,7 +32,7 @@ def check_divisible(src: Checkpoint, n: int) -> None:
         if size % n:
             raise LlamaInputError(f"--n {n}: {what} {size} does not divide by {n} (each rank needs whole heads)")
     for key, t in src.tensors.items():
-        dim = split_dim(key)
+        dim = split_dim(key, args)
         if dim is not None and t.shape[dim] % n:
             what = size_name(key, dim)
             if "layers." not in key:  # the embedding and output: say which side of the table it is
@@ -43,7 +46,7 @@ def plan_tp(src: Checkpoint, n: int, fmt: str) -> list[OutFile]:
     ext = "safetensors" if fmt == "safetensors" else "pth"
     files = [OutFile(f"consolidated.{j:02d}.{ext}") for j in range(n)]
     for key, t in src.tensors.items():
-        dim = split_dim(key) if n > 1 else None
+        dim = split_dim(key, src.args) if n > 1 else None
         for j, f in enumerate(files):
             if dim is None:
                 f.pieces.append(Piece(key, t))
@@ -76,7 +79,7 @@ def split_checkpoint(ckpt_dir, n: int, out=None, mode: str = "tp", fmt: str = "s
     src = open_source(ckpt_dir)
     try:
         if mode == "tp":
-            files, extra = plan_tp(src, n, fmt), {"split_dims": SPLIT_DIMS}
+            files, extra = plan_tp(src, n, fmt), {"split_dims": split_dims(src.args)}
         else:
             files, extra = plan_layers(src, n)
         out = Path(out) if out is not None else default_out(ckpt_dir, mode, n)

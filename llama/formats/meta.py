@@ -2,11 +2,13 @@
 tensor-parallel rank, fairscale's split dims), and ours, the same keys and layout in
 `consolidated.NN.safetensors`."""
 import re
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
-from llama.formats.base import Checkpoint, Format, Part, TensorEntry, find_file, single_part
+from llama.formats.base import Checkpoint, Format, Part, TensorEntry, single_part, tokenizer_beside
 from llama.formats.tensorfiles import open_tensor_file
 from llama.layers import IGNORED_KEYS, split_dim
 
@@ -24,7 +26,12 @@ class MetaLayout(Format):
         return any(d.glob("consolidated.*.safetensors")) == (self.ext == ".safetensors")
 
     def read_args(self, d: Path) -> ModelArgs:
-        return ModelArgs.from_params_json(d / "params.json")
+        """params.json, and for several shards how they split the embedding (their shapes say)."""
+        args = ModelArgs.from_params_json(d / "params.json")
+        if len(list(d.glob(f"consolidated.*{self.ext}"))) > 1:
+            files = self.shard_files(d)  # a missing shard is named before the shapes are read
+            args = replace(args, vocab_parallel=embedding_split(files[0], len(files), args))
+        return args
 
     def shard_files(self, d: Path) -> list[Path]:
         """consolidated.00 .. consolidated.{N-1}, checked for gaps."""
@@ -48,11 +55,45 @@ class MetaLayout(Format):
             f = open_tensor_file(files[rank])
             tensors = {k: single_part(f, k) for k in f.keys() if not IGNORED_KEYS.search(k)}
         else:
-            tensors = merged_shards(d, files)
-        return Checkpoint(d, self.name, args, tensors, [d / "params.json"] + files, find_file(d, "tokenizer.model"))
+            tensors = merged_shards(d, files, args)
+        return Checkpoint(d, self.name, args, tensors, [d / "params.json"] + files, tokenizer_beside(d))
 
 
-def merged_shards(d: Path, files: list[Path]) -> dict:
+def embedding_split(shard: Path, n: int, args: ModelArgs) -> Optional[bool]:
+    """Whether the n shards of a checkpoint split tok_embeddings along the vocabulary (Meta's
+    Llama-3) rather than dim (Llama-1/2), from the first shard's share; None if it has none."""
+    f = open_tensor_file(shard)
+    if "tok_embeddings.weight" not in f.keys():
+        return None
+    shape, _ = f.info("tok_embeddings.weight")
+    vocab, dim = args.vocab_size, args.dim
+    if vocab > 0 and vocab % n == 0 and shape == (vocab // n, dim):
+        return True
+    if len(shape) == 2 and shape[1] * n == dim and (vocab <= 0 or shape[0] == vocab):
+        return False
+    parts = _share_count(shape, vocab, dim)
+    if parts is not None:  # a whole split of another shard count
+        problem = f"is a shard missing? ({parts} expected)" if parts > n else f"are there {n - parts} shard(s) too many?"
+        raise LlamaInputError(f"{shard.parent}: {n} shard files, but tok_embeddings.weight in {shard.name} has shape "
+                              f"{shape}, 1/{parts} of the ({vocab}, {dim}) params.json implies: {problem}")
+    raise LlamaInputError(
+        f"{shard}: tok_embeddings.weight has shape {shape}, neither a vocabulary split "
+        f"({vocab // n if vocab > 0 else 'vocab/n'}, {dim}) nor a dim split ({vocab if vocab > 0 else 'vocab'}, "
+        f"{dim / n:g}) of the {n}-shard model params.json describes")
+
+
+def _share_count(shape: tuple, vocab: int, dim: int) -> Optional[int]:
+    """Into how many parts an embedding share of this shape splits the whole one, if it is one."""
+    if len(shape) != 2 or not all(shape):
+        return None
+    if shape[1] == dim and vocab > 0 and vocab % shape[0] == 0:
+        return vocab // shape[0]
+    if shape[0] == vocab and dim % shape[1] == 0:
+        return dim // shape[1]
+    return None
+
+
+def merged_shards(d: Path, files: list[Path], args: ModelArgs) -> dict:
     """The whole tensors of a checkpoint in several shards, each made of its shards' parts along
     its split dim. Every shard must hold the same tensors, replicated ones alike, split ones
     lining up along the split dim."""
@@ -69,7 +110,7 @@ def merged_shards(d: Path, files: list[Path]) -> dict:
         shapes, dtypes = zip(*(o.info(key) for o in opened))
         if len(set(dtypes)) > 1:
             raise LlamaInputError(f"{d}: tensor {key} has different dtypes across shards: {sorted(map(str, set(dtypes)))}")
-        dim = split_dim(key) if len(files) > 1 else None
+        dim = split_dim(key, args) if len(files) > 1 else None
         if dim is None:
             if len(set(shapes)) > 1:
                 raise LlamaInputError(f"{d}: replicated tensor {key} has different shapes across shards: {sorted(set(shapes))}")

@@ -1,13 +1,14 @@
 """ft_main.py under `torchrun --nproc_per_node 2` (gloo, CPU) against one process: data parallel
 (2 x micro-batch 2 = 1 x 4, with and without gradient accumulation), tensor parallel on a
-split_model.py checkpoint (LoRA on every linear with GQA, prompt tuning, full fine-tuning), and
-resuming a 2-process run from its checkpoint."""
+split_model.py checkpoint (LoRA on every linear with GQA, prompt tuning, full fine-tuning; full
+fine-tuning on Llama-3-layout shards, the embedding split along the vocabulary), and resuming a
+2-process run from its checkpoint."""
 import json
 import shutil
 import sys
 
 import pytest
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from finetune.demo import FACTS
 from llama.tiny import random_model
@@ -51,6 +52,26 @@ def gqa_ckpts(tmp_path_factory, tokenizer_path):
     if not (split / "tokenizer.model").is_file():
         shutil.copy(tokenizer_path, split / "tokenizer.model")
     return whole, split
+
+
+@pytest.fixture(scope="module")
+def vocab_split_ckpt(gqa_ckpts):
+    """The GQA checkpoint in 2 shards of Meta's Llama-3 layout, chunked here: the embedding and
+    the column-parallel weights on dim 0 (VocabParallelEmbedding), row-parallel ones on dim 1."""
+    whole, _ = gqa_ckpts
+    out = whole.parent / (whole.name + "_vocab_tp2")
+    out.mkdir()
+    state = load_file(str(whole / "consolidated.00.safetensors"))
+    for rank in range(2):
+        shard = {}
+        for key, t in state.items():
+            name = key.split(".")[-2]
+            dim = 1 if name in ("wo", "w2") else None if name.endswith("norm") else 0
+            shard[key] = t if dim is None else t.chunk(2, dim)[rank].contiguous()
+        save_file(shard, str(out / f"consolidated.{rank:02d}.safetensors"))
+    for name in ("params.json", "tokenizer.model"):
+        shutil.copy(whole / name, out / name)
+    return out
 
 
 def assert_same_run(got_dir, want_dir, tol, steps=None, names=("loss", "grad_norm", "lr", "eval_loss")):
@@ -143,6 +164,27 @@ def test_tensor_parallel_matches_one_process(gqa_ckpts, tmp_path, method):
             assert f"resumed from {step3} at step 3" in result.stdout
             assert_same_run(tmp_path / "resumed", tp, tol=1e-6, steps={4, 5, 6})
             assert_same_tensors(adapter(tmp_path / "resumed"), got, tol=1e-6)
+
+
+def test_full_fine_tuning_on_vocab_split_shards_matches_one_process(gqa_ckpts, vocab_split_ckpt, tmp_path):
+    """The embedding trains through fairscale's VocabParallelEmbedding; the model written per rank
+    keeps the vocabulary split and merges (split_model.py --n 1) into one process's model."""
+    whole, _ = gqa_ckpts
+    kw = dict(method="full", micro_batch_size=4, lr=2e-3)
+    tp = tmp_path / "tp"
+    result = torchrun(COMMON, vocab_split_ckpt, tp, **kw)
+    assert "tensor-parallel 2 x data-parallel 1" in result.stdout
+    one_process(COMMON, whole, tmp_path / "one", **kw)
+    assert_same_run(tp, tmp_path / "one", tol=1e-4)
+    assert load_file(str(tp / "model" / "consolidated.00.safetensors"))["tok_embeddings.weight"].shape == (192, 64)
+    merged = run([sys.executable, "split_model.py", "--n", "1", "--ckpt_dir", str(tp / "model"),
+                  "--out", str(tmp_path / "merged"), "--quiet"])
+    assert merged.returncode == 0, merged.stderr
+    got = load_file(str(tmp_path / "merged" / "consolidated.00.safetensors"))
+    want = load_file(str(tmp_path / "one" / "model" / "consolidated.00.safetensors"))
+    assert_same_tensors(got, want, tol=1e-5)
+    base = load_file(str(whole / "consolidated.00.safetensors"))
+    assert (got["tok_embeddings.weight"] - base["tok_embeddings.weight"]).abs().max() > 1e-4
 
 
 def test_full_fine_tuning_with_a_score_head_under_ddp(mha_ckpt, tmp_path):
