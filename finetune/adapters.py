@@ -18,12 +18,10 @@ from llama.files import atomic_write_bytes, save_safetensors
 from llama.formats import save_checkpoint
 from llama.layers import split_dim
 from llama.model import Transformer
+from llama.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter_config
 from llama.tokenizers import Tokenizer
 from finetune.heads import SCORE_TASKS, ScoreHead, TaskModel
 from finetune.methods import base_transformer, get_method, method_for_peft_type
-from finetune.methods.lora import PEFT_PREFIX
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def attach(model: Transformer, cfg, tokenizer: Tokenizer, num_labels: int = 0) -> TaskModel:
@@ -80,7 +78,7 @@ def save_trained(task_model: TaskModel, cfg, out_dir, label_names=()) -> None:
                       **method.peft_config(cfg, task_model.model)}
             out.mkdir(parents=True, exist_ok=True)
             save_safetensors(tensors, out / ADAPTER_WEIGHTS)
-            atomic_write_bytes(out / "adapter_config.json", json.dumps(config, indent=2).encode())
+            atomic_write_bytes(out / ADAPTER_CONFIG, json.dumps(config, indent=2).encode())
     if _is_writer():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "finetune.json", json.dumps(ours, indent=2).encode())
@@ -100,14 +98,11 @@ def _is_writer(per_shard: bool = False) -> bool:
 def read_adapter(adapter_dir) -> tuple[dict, dict]:
     """(PEFT adapter_config, our finetune.json) of an adapter folder."""
     folder = Path(adapter_dir)
-    for name in ("adapter_config.json", ADAPTER_WEIGHTS):
-        if not (folder / name).is_file():
-            raise LlamaInputError(f"{folder}: not an adapter folder (no {name})")
+    config = read_adapter_config(folder)
     try:
-        config = json.loads((folder / "adapter_config.json").read_text())
         ours = json.loads((folder / "finetune.json").read_text()) if (folder / "finetune.json").is_file() else {}
     except json.JSONDecodeError as e:
-        raise LlamaInputError(f"{folder}: malformed adapter config ({e})") from None
+        raise LlamaInputError(f"{folder / 'finetune.json'}: malformed ({e})") from None
     return config, ours
 
 

@@ -19,11 +19,11 @@ from torch.nn.utils import skip_init
 
 from llama.distributed import model_parallel_rank, model_parallel_size
 from llama.errors import LlamaInputError
-from llama.layers import LINEAR_NAMES, from_hf_rows, meta_to_hf_key, to_hf_rows
+from llama.layers import LINEAR_NAMES, meta_to_hf_key, split_dim, to_hf_rows
+from llama.peft import PEFT_PREFIX, parse_peft_lora
 from llama.tp import gather_split, local_slice, parallel_forward, tensor_parallel_kind
 from finetune.methods.base import Method, register_method
 
-PEFT_PREFIX = "base_model.model."
 _FROM_HF = {hf: ours for ours, hf in LINEAR_NAMES.items()}
 
 
@@ -136,6 +136,40 @@ def set_merged(model: nn.Module, merged: bool) -> None:
         layer.merge() if merged else layer.unmerge()
 
 
+def load_peft_lora(model: nn.Module, config: dict, tensors: dict, where) -> nn.Module:
+    """Put a PEFT LoRA adapter (adapter_config.json as a dict, its tensors) on our model in place,
+    so that it computes what PEFT's PeftModel.from_pretrained computes on HF's LlamaForCausalLM
+    (which modules, ranks, alphas and whole weights: llama.peft.parse_peft_lora). Under tensor
+    parallelism each rank keeps its share. Everything is checked before the model changes."""
+    if lora_layers(model):
+        raise LlamaInputError(f"{where}: the model already has LoRA layers; load one LoRA adapter onto a plain model")
+    args = model.args
+    lora = parse_peft_lora(config, tensors, args, where)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for meta in lora.whole:
+        if meta not in params:
+            raise LlamaInputError(f"{where}: modules_to_save replaces {meta_to_hf_key(meta)}, which is quantized in "
+                                  "this model; load a float model")
+        tied = [n for n, p in params.items() if p is params[meta] and n != meta]
+        if tied:
+            raise LlamaInputError(f"{where}: modules_to_save replaces {meta_to_hf_key(meta)}, which this model ties "
+                                  f"to {tied[0]}; replacing a tied weight is not supported")
+
+    # all checked: change the model
+    with torch.no_grad():
+        for meta, t in lora.whole.items():
+            params[meta].copy_(local_slice(t, split_dim(meta, args)).to(params[meta].dtype))
+    for key, pair in lora.pairs.items():
+        parent_path, child = key.removesuffix(".weight").rsplit(".", 1)
+        parent = model.get_submodule(parent_path)
+        layer = LoRALinear(getattr(parent, child), pair.r, pair.alpha, 0.0, pair.rslora)
+        setattr(parent, child, layer)
+        for weight, t in ((layer.lora_A.weight, pair.a), (layer.lora_B.weight, pair.b)):
+            with torch.no_grad():
+                weight.copy_(local_slice(t, getattr(weight, "tp_split_dim", None)))
+    return model
+
+
 @register_method
 class LoRA(Method):
     name = "lora"
@@ -166,23 +200,9 @@ class LoRA(Method):
                 "target_modules": [LINEAR_NAMES[t] for t in resolve_targets(cfg.lora_targets)]}
 
     def load(self, model, config, tensors, where):
-        apply_lora(model, config["target_modules"], config["r"], config["lora_alpha"], 0.0, config.get("use_rslora", False))
-        for path, layer in lora_layers(model).items():
-            hf = f"{PEFT_PREFIX}{meta_to_hf_key(f'{path}.weight').removesuffix('.weight')}"
-            for part in ("lora_A", "lora_B"):
-                key = f"{hf}.{part}.weight"
-                if key not in tensors:
-                    raise LlamaInputError(f"{where}: adapter lacks {key}")
-                t = tensors[key].float()
-                if part == "lora_B":
-                    t = from_hf_rows(t, f"{path}.weight", model.args)
-                weight = getattr(layer, part).weight
-                t = local_slice(t, getattr(weight, "tp_split_dim", None))
-                if t.shape != weight.shape:
-                    raise LlamaInputError(f"{where}: {key} has shape {tuple(t.shape)}, expected {tuple(weight.shape)}")
-                with torch.no_grad():
-                    weight.copy_(t)
-        return model
+        """A PEFT LoRA adapter (ours or PEFT's own) onto `model`, as PEFT would put it on HF's model:
+        see load_peft_lora. Refuses, naming the option, what it can't reproduce exactly."""
+        return load_peft_lora(model, config, tensors, where)
 
     def merged_state_dict(self, model, quantized_dtype=torch.bfloat16):
         """A LoRA'd model's weights with each adapter folded into its base weight, under the plain
