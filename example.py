@@ -97,8 +97,8 @@ def main(argv=None) -> int:
         template = None
         if args.adapter:
             template = use_adapter(generator, args.adapter, args.max_batch_size, args.max_seq_len)
-            if template == "llama3-chat" and not args.raw:  # a chat format, not a text template
-                args.chat, template = True, None
+            if template in ("llama2-chat", "llama3-chat") and not args.raw:  # chat formats, not text templates:
+                args.chat, template = True, None  # the prompt is wrapped once, by the chat format
             say(f"adapter {args.adapter}" + (f" (prompts wrapped in its {template} template)" if template and not args.raw else ""))
         wrap = (lambda p: p) if template is None or args.raw else (lambda p: prompt_for(template, p))  # noqa: E731
         sampling = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_gen_len=args.max_gen_len)

@@ -136,7 +136,9 @@ def render(template: str, system: str | None, turns: list[tuple[str, str]], alpa
             pieces += [(head, False, False), (answer, True, False)]
         elif template == "llama2-chat":
             user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}" if i == 0 and system else user
-            pieces += [(f"[INST] {user.strip()} [/INST]", False, i > 0), (answer.strip(), True, False)]
+            # Meta's format encodes `[INST] {user} [/INST] {answer} ` whole: the answer keeps its
+            # trailing space (a "▁" token before </s> with Llama-2's tokenizer)
+            pieces += [(f"[INST] {user.strip()} [/INST]", False, i > 0), (answer.strip() + " ", True, False)]
         elif template == "llama3-chat":
             if i == 0 and system:
                 pieces.append((llama3_message(tokenizer, "system", system), False, False))

@@ -159,17 +159,18 @@ def test_llama2_chat_multi_turn_with_system(tmp_path, exact_tok):
     ]}
     (ex,), _ = load(tmp_path, [row], exact_tok, template="llama2-chat")
     # [INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST] {answer} </s><s>[INST] {user} [/INST] ...
-    # (Meta strips user and answer text; every round starts with bos and ends with eos)
+    # (Meta strips user and answer text and keeps the space after the answer; every round starts
+    # with bos and ends with eos)
     assert runs(ex, exact_tok) == [
-        (BOS, False), ("[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nWhat is 2 plus 2? [/INST]", False), ("4", True), (EOS, True),
-        (BOS, False), ("[INST] And 3 plus 3? [/INST]", False), ("6", True), (EOS, True),
+        (BOS, False), ("[INST] <<SYS>>\nYou are terse.\n<</SYS>>\n\nWhat is 2 plus 2? [/INST]", False), ("4 ", True), (EOS, True),
+        (BOS, False), ("[INST] And 3 plus 3? [/INST]", False), ("6 ", True), (EOS, True),
     ]
 
 
 def test_llama2_chat_without_system(tmp_path, exact_tok):
     row = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
     (ex,), _ = load(tmp_path, [row], exact_tok, template="llama2-chat")
-    assert runs(ex, exact_tok) == [(BOS, False), ("[INST] Hi [/INST]", False), ("Hello", True), (EOS, True)]
+    assert runs(ex, exact_tok) == [(BOS, False), ("[INST] Hi [/INST]", False), ("Hello ", True), (EOS, True)]
 
 
 def test_plain_template(tmp_path, exact_tok):
@@ -217,7 +218,8 @@ def test_sharegpt_masks_every_human_turn(tmp_path, exact_tok):
         (ex,), _ = load(tmp_path, [{"conversations": conv}], exact_tok, template=template)
         r = runs(ex, exact_tok)
         trained = [text for text, t in r if t]
-        assert trained == [gpts[0], EOS, gpts[1], EOS, gpts[2], EOS], template
+        end = " " if template == "llama2-chat" else ""  # Meta's `{answer} ` before </s>
+        assert trained == [gpts[0] + end, EOS, gpts[1] + end, EOS, gpts[2] + end, EOS], template
         masked = " ".join(text for text, t in r if not t)
         for h in humans:
             assert h in masked, (template, h)
