@@ -14,8 +14,11 @@ setup(
         "numpy",
         "fairscale",
         "tqdm",
+        "gguf",  # GGUF export (llama/export/gguf.py): llama.cpp's own writer and quantizers
         "bitsandbytes>=0.47",  # NF4 bases (QLoRA); CPU 4-bit ops from 0.47; imported only for quant = nf4
     ],
+    # packages that register formats and quantizers with llama/ (llama/plugins.py)
+    entry_points={"llama_toolkit.plugins": ["quant = quant"]},
     extras_require={
         # references the tests compare against; never imported by the package
         # triton: the GPU int4 kernel is checked on CPU under TRITON_INTERPRET=1

@@ -24,6 +24,76 @@ BENCH_58M = {"dim": 512, "n_layers": 8, "n_heads": 8, "vocab_size": 32000, "hidd
 _LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
 
 
+def model_shapes(dim: int, n_layers: int, vocab: int, multiple_of: int = 256) -> dict:
+    hidden = multiple_of * -(-int(2 * 4 * dim / 3) // multiple_of)
+    shapes = {"tok_embeddings.weight": (vocab, dim)}
+    for i in range(n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "attention.wq.weight": (dim, dim), p + "attention.wk.weight": (dim, dim),
+            p + "attention.wv.weight": (dim, dim), p + "attention.wo.weight": (dim, dim),
+            p + "feed_forward.w1.weight": (hidden, dim), p + "feed_forward.w2.weight": (dim, hidden),
+            p + "feed_forward.w3.weight": (hidden, dim),
+            p + "attention_norm.weight": (dim,), p + "ffn_norm.weight": (dim,),
+        })
+    shapes.update({"norm.weight": (dim,), "output.weight": (vocab, dim)})
+    return shapes
+
+
+def nbytes(shape, itemsize=2) -> int:
+    n = itemsize
+    for s in shape:
+        n *= s
+    return n
+
+
+def write_random_checkpoint(out: Path, gb: float, dim: int, n_heads: int, vocab: int) -> tuple[dict, int]:
+    """params.json + consolidated.00.safetensors of at least `gb` GB of random bf16 weights (LLaMA-7B
+    shapes scaled down in width), written one tensor at a time (header first: every shape is known
+    up front), never held whole. Returns (params, bytes)."""
+    per_layer = sum(nbytes(s) for k, s in model_shapes(dim, 1, vocab).items() if k.startswith("layers."))
+    fixed = nbytes((vocab, dim)) * 2 + nbytes((dim,))
+    n_layers = max(1, -(-(int(gb * 1e9) - fixed) // per_layer))
+    shapes = model_shapes(dim, n_layers, vocab)
+    out.mkdir(parents=True, exist_ok=True)
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes(shape)]}
+        offset += nbytes(shape)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    g = torch.Generator().manual_seed(0)
+    with open(out / "consolidated.00.safetensors", "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for key, shape in shapes.items():
+            t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * 0.02
+            f.write(t.to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
+            del t
+    params = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab, multiple_of=256, norm_eps=1e-5)
+    (out / "params.json").write_text(json.dumps(params))
+    return params, offset
+
+
+# A child started with vfork (as subprocess does) inherits its parent's peak RSS in ru_maxrss, and
+# this process has held large tensors; so each measured command runs under a small launcher whose
+# own peak is a few MB, and reports RUSAGE_CHILDREN of the one process it ran, and its wall time.
+WALL_LAUNCHER = """
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
+wall = time.perf_counter() - start
+print(json.dumps({"rc": rc, "wall": wall, "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float, int]:
+    """(wall seconds, peak RSS MiB, exit code) of one command (split_model.py, an export), run
+    under WALL_WALL_LAUNCHER."""
+    report = subprocess.run([sys.executable, "-c", WALL_LAUNCHER, *cmd], cwd=ROOT, capture_output=True, text=True, check=True)
+    r = json.loads(report.stdout)
+    return r["wall"], r["maxrss_kib"] / 1024, r["rc"]  # ru_maxrss is in KiB on Linux
+
+
 def hf_config(shape: dict = BENCH_58M):
     """transformers.LlamaConfig of a model shape given in our names."""
     from transformers import LlamaConfig

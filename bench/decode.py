@@ -7,15 +7,16 @@ when `llama_cpp` and `gguf` are importable.
     python bench/decode.py --runs 9 --new 256    # more runs, longer generations
 
 Every peer loads one random float32 checkpoint (HF folder, seed 0, written to a temp folder; llama.cpp
-gets a float32 GGUF of the same tensors). A run is one whole generate call, prompt included, and
-tokens/s = new tokens / its wall time; each figure is the median of --runs runs after one warm-up,
-the peers taking turns run by run.
+gets a float32 GGUF of the same tensors, written by our exporter, llama/export/gguf.py). A run is one
+whole generate call, prompt included, and tokens/s = new tokens / its wall time; each figure is the
+median of --runs runs after one warm-up, the peers taking turns run by run.
 HF is kept from stopping at its eos with min_new_tokens, ours and llama.cpp by never reading eos.
 The greedy tokens of ours and HF are compared as a check that both decode the same model. Appends
 one row to bench/results.jsonl.
 """
 import argparse
 import importlib.util
+import json
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,8 +25,8 @@ import torch
 
 from common import BENCH_58M, append_row, gpu_ceilings, median, timed, write_hf_checkpoint
 
-from llama.formats import read_model_args  # noqa: E402  (common puts the repo on sys.path)
-from llama.layers import rename  # noqa: E402
+from llama.export import export  # noqa: E402  (common puts the repo on sys.path)
+from llama.formats import read_model_args  # noqa: E402
 from llama.loader import load_model  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 
@@ -34,8 +35,9 @@ def ours(ckpt: Path, prompt: list[int], new: int, dtype, device: str, compile: b
     args = read_model_args(ckpt)
     model = load_model(ckpt, args, dtype, device).eval()
     model.setup_caches(1, len(prompt) + new)
-    # generate reads only pad_id and eos_id of a tokenizer; eos -1 never comes up
-    llama = Llama(model, SimpleNamespace(pad_id=0, eos_id=-1), len(prompt) + new, 1, compile=compile)
+    # generate reads only pad_id, eos_id and stop_ids of a tokenizer; no stop id: it never stops early
+    llama = Llama(model, SimpleNamespace(pad_id=0, eos_id=-1, stop_ids=frozenset()), len(prompt) + new, 1,
+                  compile=compile)
     return lambda: llama.generate([prompt], new, temperature=0)[0]
 
 
@@ -53,50 +55,35 @@ def hf(ckpt: Path, prompt: list[int], new: int, dtype, device: str):
     return run
 
 
-def write_gguf(ckpt: Path, path: Path) -> None:
-    """A float32 GGUF of the checkpoint: our Meta-layout tensors (q/k rows in RoPE pairs, as GGUF
-    keeps them) under llama.cpp's names, and a placeholder vocabulary of the right size."""
-    import gguf
+def placeholder_tokenizer(path: Path, vocab_size: int) -> Path:
+    """A GGUF carries a tokenizer and the bench's checkpoint has none (its prompts are random ids,
+    never text): a byte-level tokenizer.json of vocab_size ids, the 256 bytes, one merge, bos and
+    eos as the last two ids, the ids between unused."""
+    from llama.tokenizers.tiktoken_bpe import byte_to_unicode
+    from llama.tokenizers.tiktoken_bpe import BOS, EOS, META_PAT
 
-    args = read_model_args(ckpt)
-    state = load_model(ckpt, args, torch.float32, "cpu").state_dict()
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(2048)
-    w.add_embedding_length(args.dim)
-    w.add_block_count(args.n_layers)
-    w.add_feed_forward_length(args.ffn_hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.n_kv_heads)
-    w.add_rope_dimension_count(args.head_dim)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL] + [gguf.TokenType.BYTE] * 256
-    tokens += [f"\u2581t{i}" for i in range(args.vocab_size - len(tokens))]
-    types += [gguf.TokenType.NORMAL] * (args.vocab_size - len(types))
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * args.vocab_size)
-    w.add_token_types(types)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    for key, tensor in state.items():
-        name = rename(key, "meta", "gguf")
-        w.add_tensor(name, tensor.numpy())
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    vocab = {c: b for b, c in byte_to_unicode().items()}
+    space = byte_to_unicode()[ord(" ")]
+    vocab[space * 2] = 256
+    spec = {"model": {"type": "BPE", "ignore_merges": True, "vocab": vocab, "merges": [[space, space]]},
+            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": META_PAT}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}]},
+            "decoder": {"type": "ByteLevel"},
+            "added_tokens": [{"id": vocab_size - 2, "content": BOS, "special": True},
+                             {"id": vocab_size - 1, "content": EOS, "special": True}]}
+    path.write_text(json.dumps(spec))
+    return path
 
 
 def llama_cpp(ckpt: Path, prompt: list[int], new: int, threads: int):
     from llama_cpp import Llama as LlamaCpp
 
     path = ckpt / "model-f32.gguf"
-    if not path.is_file():
-        write_gguf(ckpt, path)
+    if not path.is_file():  # our exporter: the same float32 tensors under llama.cpp's names
+        export(ckpt, "gguf", path, tokenizer_path=placeholder_tokenizer(ckpt / "placeholder-tokenizer.json",
+                                                                         BENCH_58M["vocab_size"]),
+               outtype="f32", progress=False)
     llm = LlamaCpp(str(path), n_ctx=len(prompt) + new, n_threads=threads, n_threads_batch=threads, verbose=False)
 
     def run():

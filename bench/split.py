@@ -23,76 +23,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results.jsonl"
-
-
-def model_shapes(dim: int, n_layers: int, vocab: int, multiple_of: int = 256) -> dict:
-    hidden = multiple_of * -(-int(2 * 4 * dim / 3) // multiple_of)
-    shapes = {"tok_embeddings.weight": (vocab, dim)}
-    for i in range(n_layers):
-        p = f"layers.{i}."
-        shapes.update({
-            p + "attention.wq.weight": (dim, dim), p + "attention.wk.weight": (dim, dim),
-            p + "attention.wv.weight": (dim, dim), p + "attention.wo.weight": (dim, dim),
-            p + "feed_forward.w1.weight": (hidden, dim), p + "feed_forward.w2.weight": (dim, hidden),
-            p + "feed_forward.w3.weight": (hidden, dim),
-            p + "attention_norm.weight": (dim,), p + "ffn_norm.weight": (dim,),
-        })
-    shapes.update({"norm.weight": (dim,), "output.weight": (vocab, dim)})
-    return shapes
-
-
-def nbytes(shape, itemsize=2) -> int:
-    n = itemsize
-    for s in shape:
-        n *= s
-    return n
-
-
-def generate(out: Path, gb: float, dim: int, n_heads: int, vocab: int) -> tuple[dict, int]:
-    """params.json + consolidated.00.safetensors of at least `gb` GB, written one tensor at a time
-    (header first: every shape is known up front)."""
-    per_layer = sum(nbytes(s) for k, s in model_shapes(dim, 1, vocab).items() if k.startswith("layers."))
-    fixed = nbytes((vocab, dim)) * 2 + nbytes((dim,))
-    n_layers = max(1, -(-(int(gb * 1e9) - fixed) // per_layer))
-    shapes = model_shapes(dim, n_layers, vocab)
-    out.mkdir(parents=True, exist_ok=True)
-    header, offset = {}, 0
-    for key, shape in shapes.items():
-        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes(shape)]}
-        offset += nbytes(shape)
-    raw = json.dumps(header).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
-    g = torch.Generator().manual_seed(0)
-    with open(out / "consolidated.00.safetensors", "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for key, shape in shapes.items():
-            t = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=g) * 0.02
-            f.write(t.to(torch.bfloat16).view(torch.uint8).numpy().tobytes())
-            del t
-    params = dict(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=vocab, multiple_of=256, norm_eps=1e-5)
-    (out / "params.json").write_text(json.dumps(params))
-    return params, offset
-
-
-# A child started with vfork (as subprocess does) inherits its parent's peak RSS in ru_maxrss, and
-# this process has held large tensors; so each split runs under a small launcher whose own peak is
-# a few MB, and reports RUSAGE_CHILDREN of the one split process it ran.
-LAUNCHER = """
-import json, resource, subprocess, sys, time
-start = time.perf_counter()
-rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode
-wall = time.perf_counter() - start
-print(json.dumps({"rc": rc, "wall": wall, "maxrss_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
-"""
-
-
-def run_split(cmd: list[str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS MiB, exit code) of one split_model.py process."""
-    report = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], cwd=ROOT, capture_output=True, text=True, check=True)
-    r = json.loads(report.stdout)
-    return r["wall"], r["maxrss_kib"] / 1024, r["rc"]  # ru_maxrss is in KiB on Linux
+from common import RESULTS, ROOT, run_measured, write_random_checkpoint
 
 
 def main(argv=None) -> None:
@@ -114,7 +45,7 @@ def main(argv=None) -> None:
         src = work / "src"
         if not (src / "params.json").is_file():
             print(f"generating a {a.gb} GB random checkpoint in {src} ...", flush=True)
-            generate(src, a.gb, a.dim, a.n_heads, a.vocab)
+            write_random_checkpoint(src, a.gb, a.dim, a.n_heads, a.vocab)
         if a.source == "pth":
             pth = work / "src_pth"
             if not (pth / "params.json").is_file():
@@ -129,14 +60,14 @@ def main(argv=None) -> None:
         walls, rss = [], []
         for i in range(a.runs):
             shutil.rmtree(out, ignore_errors=True)
-            wall, peak, rc = run_split(cmd)
+            wall, peak, rc = run_measured(cmd)
             if rc != 0:
                 sys.exit(f"split_model.py failed with exit code {rc}: {' '.join(cmd)}")
             walls.append(wall)
             rss.append(peak)
             print(f"run {i + 1}: {wall:.2f} s, peak RSS {peak:.0f} MiB", flush=True)
         # what the split process holds before touching a tensor: the interpreter, torch, our modules
-        _, baseline, _ = run_split([sys.executable, "-c", "import torch, llama.formats, split.reshard"])
+        _, baseline, _ = run_measured([sys.executable, "-c", "import torch, llama.formats, split.reshard"])
         largest = max(f.stat().st_size for f in out.glob("consolidated.*"))
         row = {
             "bench": "split", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),

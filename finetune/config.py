@@ -74,6 +74,8 @@ class TrainConfig:
     log_every: int = _key(1, "write a metrics.jsonl line every N steps", "train")
     resume: str = _key("auto", "auto (latest checkpoint in out_dir if any), none, or a checkpoint folder", "train")
     merge: bool = _key(False, "LoRA: also write out_dir/merged, a full checkpoint with the adapter folded in", "train")
+    merge_format: str = _key("hf", "format of out_dir/merged and of full/freeze runs' out_dir/model, the tokenizer "
+                                   "beside it: hf (transformers), pth (Meta), gguf (llama.cpp) or ours", "train")
     exact_match_samples: int = _key(0, "sft: greedy-generate answers for this many eval samples before and after training, and report exact match", "train")
     max_new_tokens: int = _key(32, "longest generated answer for exact match", "train")
 
@@ -82,7 +84,7 @@ class TrainConfig:
             "method": tuple(METHODS), "task": ("sft", "pt", "cls", "regression"),
             "precision": ("auto", "bf16", "fp16", "fp32"), "quant": ("none", "int4", "nf4"),
             "prompt_init": ("text", "vocab", "random"), "dtype": ("auto", "bfloat16", "float16", "float32"),
-            "template": ("auto",) + TEMPLATES,
+            "template": ("auto",) + TEMPLATES, "merge_format": ("hf", "pth", "gguf", "ours"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

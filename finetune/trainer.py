@@ -13,11 +13,13 @@ one process with batch N*b, and gradient accumulation changes nothing but memory
 import contextlib
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,12 +29,13 @@ from tqdm import tqdm
 import quant  # noqa: F401  (registers the int4 and NF4 bases and GPTQ folders with the loader)
 from llama.distributed import data_parallel_group, model_parallel_rank, setup_model_parallel
 from llama.errors import LlamaInputError
+from llama.export import export
 from llama.files import atomic_write_bytes
-from llama.formats import n_shards, read_model_args, save_checkpoint
+from llama.formats import detect_format, n_shards, read_model_args, save_checkpoint
 from llama.generation import parse_dtype
 from llama.loader import load_model
 from llama.placement import device_shares, place_layers, resolve_devices
-from llama.tokenizers import Tokenizer, check_vocab, find_tokenizer
+from llama.tokenizers import Tokenizer, check_vocab, find_tokenizer, tokenizer_file_name
 from finetune.adapters import attach, save_trained
 from finetune.config import TrainConfig
 from finetune.data import DataConfig, Example, collate, load_examples, micro_batch, pack, resolve_template
@@ -139,6 +142,10 @@ def setup(cfg: TrainConfig) -> Run:
     """Processes, the base model with the method attached, the data, the optimizer, and the state
     of the last checkpoint when resuming."""
     shards = n_shards(cfg.ckpt_dir)
+    held = detect_format(cfg.ckpt_dir).quant  # a folder of quantized weights loads as such, frozen
+    if held and get_method(cfg.method).trains_base:
+        raise LlamaInputError(f"{cfg.ckpt_dir}: holds {held} weights, which stay frozen: method {cfg.method} "
+                              f"trains the base; use lora or prompt")
     devices = resolve_devices(cfg.devices) if cfg.devices else None
     rank, world, device = setup_model_parallel("cpu" if devices else (cfg.device or None),
                                                tensor_parallel=shards if shards > 1 else 1)
@@ -320,18 +327,62 @@ def match_rate(run: Run, when: str) -> float:
 
 
 def write_outputs(run: Run) -> None:
-    """What the method trained (out_dir/adapter or out_dir/model) and, with merge, the base with
-    the method folded in (out_dir/merged)."""
+    """What the method trained (out_dir/adapter, or out_dir/model as merge_format) and, with
+    merge, the base with the method folded in (out_dir/merged, as merge_format)."""
     cfg = run.cfg
     final = run.out_dir / run.method.output_dir
-    save_trained(run.task_model, cfg, final, run.label_names)
+    if run.method.trains_base:
+        write_model(run, final, lambda folder: save_trained(run.task_model, cfg, folder, run.label_names))
+    else:
+        save_trained(run.task_model, cfg, final, run.label_names)
     run.say(f"wrote {final}")
     if cfg.merge and run.method.can_merge:
         transformer = run.task_model.transformer
-        if run.rank < run.tp:  # one writer per tensor-parallel shard
-            merged = run.method.merged_state_dict(transformer, run.dtype)
-            save_checkpoint(transformer, run.out_dir / "merged", merged, rank=model_parallel_rank())
+
+        def save_merged(folder):
+            if run.rank < run.tp:  # one writer per tensor-parallel shard
+                merged = run.method.merged_state_dict(transformer, run.dtype)
+                save_checkpoint(transformer, folder, merged, rank=model_parallel_rank())
+
+        write_model(run, run.out_dir / "merged", save_merged)
         run.say(f"wrote {run.out_dir / 'merged'} (LoRA folded into the base weights)")
+
+
+def write_model(run: Run, final: Path, save: Callable) -> None:
+    """save(folder) writes the model in our format (each tensor-parallel rank its shard). For
+    merge_format ours it writes `final`; for the others a staging folder that rank 0 then exports
+    tensor by tensor (llama.export) to `final`, which replaces any older one only when complete.
+    The tokenizer goes beside it either way."""
+    fmt = run.cfg.merge_format
+    stage = final if fmt == "ours" else final.with_name(f".{final.name}.ours")
+    if run.rank == 0 and stage.exists() and stage != final:
+        shutil.rmtree(stage)
+    _barrier()
+    save(stage)
+    _barrier()
+    if run.rank == 0:
+        if fmt == "ours":
+            shutil.copyfile(run.tokenizer.path, final / tokenizer_file_name(run.tokenizer.path))
+        else:
+            fresh = final.with_name(f".{final.name}.new")
+            shutil.rmtree(fresh, ignore_errors=True)
+            export(stage, fmt, fresh / "model.gguf" if fmt == "gguf" else fresh, tokenizer_path=run.tokenizer.path,
+                   progress=False)
+            for extra in ("finetune.json", "score.safetensors"):  # our settings and a score head, beside the model
+                if (stage / extra).is_file():
+                    shutil.copyfile(stage / extra, fresh / extra)
+            old = final.with_name(f".{final.name}.old")
+            if final.exists():
+                os.replace(final, old)
+            os.replace(fresh, final)
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(stage)
+    _barrier()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # --- pieces ------------------------------------------------------------------------------------

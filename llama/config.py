@@ -138,17 +138,32 @@ class ModelArgs:
             params["hidden_dim"] = None
         return {k: v for k, v in params.items() if v is not None and v is not False}
 
-    def to_hf_config(self) -> dict:
-        """An HF `config.json` for these hyperparameters (the inverse of from_hf_config)."""
+    @property
+    def context_length(self) -> int:
+        """The context the model was trained for, which config.json / GGUF state and our files do
+        not: 131072 with llama3 rope scaling (every Llama-3.1+ release), 8192 for Llama-3
+        (rope_theta 500000), 4096 (Llama-2) otherwise."""
+        if (self.rope_scaling or {}).get("rope_type") == "llama3":
+            return 131072
+        return 8192 if self.rope_theta >= 500000 else 4096
+
+    def to_hf_config(self, dtype: str = "float16", bos_id: Optional[int] = None, eos_id=None) -> dict:
+        """An HF `config.json` for these hyperparameters (the inverse of from_hf_config); bos/eos
+        ids from the tokenizer (eos: one id or the list of stop ids)."""
         config = {
             "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim,
             "intermediate_size": self.ffn_hidden_dim, "num_hidden_layers": self.n_layers,
             "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "vocab_size": self.vocab_size,
             "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu", "torch_dtype": "float16",
+            "hidden_act": "silu", "torch_dtype": dtype, "max_position_embeddings": self.context_length,
+            "head_dim": self.head_dim, "attention_bias": False, "mlp_bias": False,
         }
         if self.rope_scaling:
             config["rope_scaling"] = dict(self.rope_scaling)
+        if bos_id is not None:
+            config["bos_token_id"] = bos_id
+        if eos_id is not None:
+            config["eos_token_id"] = eos_id
         return config
 
     def write_params_json(self, path) -> None:

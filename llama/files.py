@@ -1,7 +1,8 @@
-"""Atomic file writes: a temp file beside the target, fsync, then rename, so a kill at any
-moment leaves either the old file or the new one under the final name, never a partial one."""
+"""Atomic file writes: a temp file (or folder) beside the target, fsync, then rename, so a kill at
+any moment leaves either the old file or the new one under the final name, never a partial one."""
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -23,6 +24,29 @@ def atomic_path(path):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield a temp folder beside `path` to fill; on success fsync its files and rename it to
+    `path` (which must not exist, or be an empty folder); on any failure remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        os.chmod(tmp, 0o755)  # mkdtemp makes folders private; this is an ordinary output folder
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
 

@@ -13,6 +13,7 @@ from llama.errors import LlamaInputError
 from llama.formats import Checkpoint, detect_format, open_checkpoint
 from llama.layers import BLOCK_LINEARS, split_dim
 from llama.model import Transformer
+from llama.plugins import load_plugins
 
 # quant name -> make(path, float linear, group_size, device) -> its quantized replacement
 LINEAR_QUANTIZERS: dict[str, Callable] = {}
@@ -99,13 +100,13 @@ def load_model(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_
     """The model of any checkpoint we read (Meta, ours, HF; the format is detected), this
     tensor-parallel rank's share of it. quant "int4" (round to nearest, `group_size`) or "nf4"
     quantizes each block's linears as it loads, one block at a time: host memory holds one float
-    block, never the float model. A folder of quantized weights loads as it is (quant must name
-    its kind)."""
+    block, never the float model. A folder of quantized weights (its quantization_config says
+    so) loads as it is, with quant "none" or its own kind."""
     fmt = detect_format(ckpt_dir)
     if fmt.quant is not None:
-        if quant != fmt.quant:
-            raise LlamaInputError(f"{ckpt_dir}: holds GPTQ {fmt.quant} weights; use quant = {fmt.quant} "
-                                  f"(--quant {fmt.quant}), not {quant!r}")
+        if quant not in ("none", fmt.quant):  # "none": load it as it is, its own config says what it holds
+            raise LlamaInputError(f"{ckpt_dir}: holds GPTQ {fmt.quant} weights, which load as they are "
+                                  f"(leave quant out, or say {fmt.quant}), not {quant!r}")
         return fmt.load_model(ckpt_dir, args, dtype, device, mp_rank, mp_size)
     quantize = quantizer(quant)
     ckpt = open_checkpoint(ckpt_dir, mp_size, mp_rank).check(args, mp_size)
@@ -123,8 +124,9 @@ def quantizer(quant: str):
     """The registered quantizer for `quant`, or None for "none"."""
     if quant == "none":
         return None
+    load_plugins()
     if quant not in LINEAR_QUANTIZERS:
         if not LINEAR_QUANTIZERS:
-            raise LlamaInputError(f"quant = {quant!r} needs the quant package: `import quant` registers int4 and nf4")
+            raise LlamaInputError(f"quant = {quant!r} needs the quant package (pip install -e . registers it)")
         raise LlamaInputError(f"unknown quant {quant!r}: use none, {', '.join(LINEAR_QUANTIZERS)}")
     return LINEAR_QUANTIZERS[quant]

@@ -63,8 +63,7 @@ def main(argv=None) -> int:
                 pass
         model, stats = quantize_checkpoint(a.ckpt_dir, a.method, a.group_size, a.act_order, a.sym, calib, a.damp,
                                            device=a.device)
-        quant = {"group_size": a.group_size, "desc_act": a.act_order, "sym": a.sym, "damp_percent": a.damp,
-                 "method": a.method}
+        quant = {"group_size": a.group_size, "desc_act": a.act_order, "sym": a.sym, "damp_percent": a.damp}
         out = save_int4(model, a.out, quant, tokenizer_path)
         if stats:
             worst = max(stats, key=stats.get)

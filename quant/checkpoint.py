@@ -3,9 +3,7 @@
 `{qweight,qzeros,scales,g_idx}` per quantized linear), read (`GPTQ`, a registered checkpoint
 format: `llama.loader.load_model` on such a folder lands here) and written (`save_int4`)."""
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,17 +11,18 @@ import torch
 
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
-from llama.files import atomic_write_bytes, fsync_dir, save_safetensors
-from llama.formats import Checkpoint, iter_hf_names, quantization_config, register_format
+from llama.files import atomic_folder, atomic_write_bytes, save_safetensors
+from llama.formats import Checkpoint, TensorEntry, iter_hf_names, quantization_config, register_format
 from llama.formats.base import single_part, tokenizer_beside
 from llama.formats.hf import HFLayout, hf_weight_files
 from llama.layers import BLOCK_LINEARS, expected_shapes, from_hf_rows, hf_to_meta_key, lookup, meta_to_hf_key, \
     rope_heads, to_hf_rows
 from llama.loader import fill, load_outside_blocks, replace_module
 from llama.model import Transformer
+from llama.tokenizers import tokenizer_file_name
 from llama.tp import tensor_parallel_kind
 from quant.linear import Int4Linear, quantized_linears
-from quant.pack import PER_WORD, Int4Weight, check_int4, group_index, pack_cols, unpack_cols
+from quant.pack import PER_WORD, Int4Weight, check_int4, dequantize, group_index, pack_cols, unpack_cols
 
 INT4_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
@@ -81,13 +80,10 @@ def tp_share(w: Int4Weight, kind, rank: int, size: int) -> Int4Weight:
     return w
 
 
-def load_int4(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_rank: int = 0, mp_size: int = 1) -> Transformer:
-    """Build the model on `meta` and fill it from a GPTQ folder: quantized linears become
-    Int4Linear, the rest (embeddings, norms, output) load in `dtype`. Under tensor parallelism
-    each rank takes its share of the one whole checkpoint."""
-    d = Path(ckpt_dir)
+def read_gptq_folder(d: Path, args: ModelArgs, tie: bool = True) -> tuple[dict, Checkpoint, dict]:
+    """(quantization config, a Checkpoint of the float tensors, {module path: int4 parts found})
+    of a GPTQ folder; tie: a tied output reads the embedding (not under tensor parallelism)."""
     config = read_quant_config(d)
-    group_size = int(config.get("group_size", -1))
     parts: dict[str, dict] = {}
     plain = {}  # the float tensors, as checkpoint entries
     expected = expected_shapes(args)
@@ -100,38 +96,53 @@ def load_int4(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_r
         else:
             raise LlamaInputError(f"{path}: unexpected tensor {name} for the {args.n_layers}-layer model config.json describes")
     emb = plain.get("tok_embeddings.weight")
-    if "output.weight" not in plain and args.tie_word_embeddings and emb is not None and mp_size == 1:
+    if "output.weight" not in plain and args.tie_word_embeddings and emb is not None and tie:
         plain["output.weight"] = replace(emb, key="output.weight", tied_to=emb.key)
-    ckpt = Checkpoint(d, GPTQ.name, args, plain, [d / "config.json"] + hf_weight_files(d), tokenizer_beside(d))
     for module_path in parts:
         table_row, layer = lookup(module_path + ".weight")
         if table_row is None or table_row.module not in BLOCK_LINEARS:  # e.g. a quantized lm_head: ours stays float
             raise LlamaInputError(f"{d}: unexpected quantized layer {module_path} (only the blocks' linears may be int4)")
         if int(layer) >= args.n_layers:
             raise LlamaInputError(f"{d}: unexpected quantized layer {module_path} for a {args.n_layers}-layer model")
+    ckpt = Checkpoint(d, GPTQ.name, args, plain, [d / "config.json"] + hf_weight_files(d), tokenizer_beside(d))
+    return config, ckpt, parts
+
+
+def int4_layer(d: Path, config: dict, module_path: str, found: dict, args: ModelArgs):
+    """(whole Int4Weight in Meta's row order, bias or None) of one quantized linear, checked."""
+    tensors = {part: f.get(name) for part, (_, f, name) in found.items()}
+    hf_name = meta_to_hf_key(module_path + ".weight").removesuffix(".weight")
+    if "g_idx" not in tensors and "qweight" in tensors and not config.get("desc_act"):
+        group_size = int(config.get("group_size", -1))  # older files: implied
+        tensors["g_idx"] = group_index(tensors["qweight"].shape[0] * PER_WORD, group_size)
+    missing = [p for p in INT4_PARTS if p not in tensors]
+    if missing:
+        raise LlamaInputError(f"{found['qweight'][0] if 'qweight' in found else d}: quantized layer "
+                              f"{hf_name} lacks {missing[0]}")
+    w = Int4Weight(*(tensors[p] for p in INT4_PARTS))
+    check_int4(w, hf_name)
+    want = expected_shapes(args)[module_path + ".weight"]
+    if (w.out_features, w.in_features) != want:
+        raise LlamaInputError(f"{found['qweight'][0]}: {module_path} is {w.out_features}x{w.in_features} int4 "
+                              f"but the config implies {want[0]}x{want[1]}")
+    if rope_heads(module_path + ".weight", args):
+        w = rope_columns(w, module_path + ".weight", args, to_hf=False)
+    return w, tensors.get("bias")
+
+
+def load_int4(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_rank: int = 0, mp_size: int = 1) -> Transformer:
+    """Build the model on `meta` and fill it from a GPTQ folder: quantized linears become
+    Int4Linear, the rest (embeddings, norms, output) load in `dtype`. Under tensor parallelism
+    each rank takes its share of the one whole checkpoint."""
+    d = Path(ckpt_dir)
+    config, ckpt, parts = read_gptq_folder(d, args, tie=mp_size == 1)
+    group_size = int(config.get("group_size", -1))
     share = (mp_rank, mp_size)
     model = load_outside_blocks(ckpt, args, dtype, device, share)
     for module_path, found in parts.items():
-        tensors = {part: f.get(name) for part, (_, f, name) in found.items()}
-        hf_name = meta_to_hf_key(module_path + ".weight").removesuffix(".weight")
-        if "g_idx" not in tensors and "qweight" in tensors and not config.get("desc_act"):
-            tensors["g_idx"] = group_index(tensors["qweight"].shape[0] * PER_WORD, group_size)  # older files: implied
-        missing = [p for p in INT4_PARTS if p not in tensors]
-        if missing:
-            raise LlamaInputError(f"{found['qweight'][0] if 'qweight' in found else d}: quantized layer "
-                                  f"{hf_name} lacks {missing[0]}")
-        w = Int4Weight(*(tensors[p] for p in INT4_PARTS))
-        check_int4(w, hf_name)
-        old = model.get_submodule(module_path)
-        full_out, full_in = _full_shape(old, mp_size)
-        if (w.out_features, w.in_features) != (full_out, full_in):
-            raise LlamaInputError(f"{found['qweight'][0]}: {module_path} is {w.out_features}x{w.in_features} int4 "
-                                  f"but the config implies {full_out}x{full_in}")
-        if rope_heads(module_path + ".weight", args):
-            w = rope_columns(w, module_path + ".weight", args, to_hf=False)
-        kind = tensor_parallel_kind(old)
+        w, bias = int4_layer(d, config, module_path, found, args)
+        kind = tensor_parallel_kind(model.get_submodule(module_path))
         w = tp_share(w, kind, mp_rank, mp_size)
-        bias = tensors.get("bias")
         if bias is not None and kind == "column":
             bias = bias.chunk(mp_size)[mp_rank]
         replace_module(model, module_path, Int4Linear.from_int4(
@@ -142,6 +153,22 @@ def load_int4(ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_r
     return model.eval()
 
 
+def open_dequantized(d: Path) -> Checkpoint:
+    """A GPTQ folder as a float checkpoint: each int4 linear read as its dequantized weight (in
+    Meta's row order), one at a time (the exporters). Listed as float16, the folder's own dtype;
+    read in float32, exact, so that an f32 export holds what the int4 layer computes with."""
+    args = GPTQ.read_args(d)
+    config, ckpt, parts = read_gptq_folder(d, args)
+    for module_path, found in parts.items():
+        if "bias" in found:
+            raise LlamaInputError(f"{d}: quantized layer {module_path} has a bias, which the LLaMA model has not")
+        key = module_path + ".weight"
+        shape = expected_shapes(args)[key]
+        ckpt.tensors[key] = TensorEntry(key, shape, torch.float16, [], compute=lambda m=module_path, f=found: dequantize(
+            int4_layer(d, config, m, f, args)[0], torch.float32))
+    return ckpt.check()
+
+
 def _meta_key(name: str):
     """hf_to_meta_key, with each quantized part (q_proj.qweight ...) keyed like its module
     (layers.0.attention.wq.qweight)."""
@@ -150,12 +177,6 @@ def _meta_key(name: str):
     if module_key is not None and part in INT4_PARTS + ("bias",):
         return f"{module_key.removesuffix('.weight')}.{part}"
     return hf_to_meta_key(name)
-
-
-def _full_shape(layer, mp_size: int) -> tuple[int, int]:
-    out_features, in_features = layer.weight.shape
-    kind = tensor_parallel_kind(layer)
-    return out_features * (mp_size if kind == "column" else 1), in_features * (mp_size if kind == "row" else 1)
 
 
 def save_int4(model: Transformer, out_dir, quant: dict, tokenizer_path=None) -> Path:
@@ -187,24 +208,12 @@ def save_int4(model: Transformer, out_dir, quant: dict, tokenizer_path=None) -> 
             tensors[f"{stem}.bias"] = layer.bias.to(torch.float16).cpu()
     quant = {"bits": 4, "quant_method": "gptq", "checkpoint_format": "gptq", "true_sequential": False, **quant}
     config = {**args.to_hf_config(), "quantization_config": quant}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         save_safetensors(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
         atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2).encode())
         atomic_write_bytes(tmp / "quantize_config.json", json.dumps(quant, indent=2).encode())
         if tokenizer_path is not None and Path(tokenizer_path).is_file():
-            # kept under its own name: tokenizer.model, or tokenizer.json (HF Llama-3)
-            shutil.copyfile(tokenizer_path, tmp / ("tokenizer.json" if Path(tokenizer_path).suffix == ".json"
-                                                   else "tokenizer.model"))
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            shutil.copyfile(tokenizer_path, tmp / tokenizer_file_name(tokenizer_path))
     return out
 
 
@@ -220,6 +229,9 @@ class GPTQLayout(HFLayout):
     def load_model(self, ckpt_dir, args: ModelArgs, dtype=torch.float32, device="cpu", mp_rank: int = 0,
                    mp_size: int = 1) -> Transformer:
         return load_int4(ckpt_dir, args, dtype, device, mp_rank, mp_size)
+
+    def open_float(self, d: Path) -> Checkpoint:
+        return open_dequantized(d)
 
 
 GPTQ = GPTQLayout()

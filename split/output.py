@@ -20,7 +20,8 @@ from tqdm import tqdm
 from llama.errors import LlamaInputError
 from llama.files import atomic_path, atomic_write_bytes
 from llama.formats import Checkpoint, TensorEntry
-from llama.formats.tensorfiles import ST_NAMES
+from llama.export.meta import meta_params
+from llama.formats.tensorfiles import SafetensorsStreamWriter
 from split.source import MANIFEST
 # What makes a folder hold a checkpoint: refused as an output unless --overwrite (then removed;
 # nothing else in the folder is touched).
@@ -72,58 +73,6 @@ class OutFile:
 def _write(f, data) -> None:
     """Every data write goes through here (the tests make it fail with ENOSPC)."""
     f.write(data)
-
-
-def _as_bytes(t: torch.Tensor):
-    t = t.contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
-
-
-def safetensors_header(pieces: list) -> bytes:
-    """The header for `pieces` laid out back to back in order, padded (with spaces, as the
-    format allows) so the data starts 8-byte aligned."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for p in pieces:
-        header[p.key] = {"dtype": ST_NAMES[p.src.dtype], "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
-        offset += p.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-(8 + len(raw)) % 8)
-    return len(raw).to_bytes(8, "little") + raw
-
-
-class SafetensorsStreamWriter:
-    """Writes a safetensors file whose header is known up front, tensor data appended in row
-    blocks in header order; checks every block and the final size; hashes as it goes."""
-
-    def __init__(self, path: Path, pieces: list):
-        self.path, self.pieces = path, pieces
-        head = safetensors_header(pieces)
-        self.size = len(head) + sum(p.nbytes for p in pieces)
-        self.sha = hashlib.sha256()
-        self.f = open(path, "wb")
-        self.index, self.done = 0, 0  # current piece, bytes of it written
-        self._put(head)
-
-    def _put(self, data) -> None:
-        _write(self.f, data)
-        self.sha.update(data)
-
-    def append(self, key: str, block: torch.Tensor) -> None:
-        while self.index < len(self.pieces) and self.done == self.pieces[self.index].nbytes and self.pieces[self.index].key != key:
-            self.index, self.done = self.index + 1, 0
-        p = self.pieces[self.index] if self.index < len(self.pieces) else None
-        data = _as_bytes(block)
-        if p is None or p.key != key or block.dtype != p.src.dtype or self.done + len(data) > p.nbytes:
-            raise RuntimeError(f"{self.path}: block of {key} out of order")  # a bug here, not bad input
-        self._put(data)
-        self.done += len(data)
-
-    def close(self) -> str:
-        self.f.close()
-        written = self.path.stat().st_size
-        if written != self.size:
-            raise RuntimeError(f"{self.path}: wrote {written} bytes, header promised {self.size}")
-        return self.sha.hexdigest()
 
 
 def _sha256_file(path: Path) -> str:
@@ -204,7 +153,10 @@ def write_split(src: Checkpoint, files: list, out: Path, fmt: str, request: dict
         for stale in out.glob(f".{f.name}.*.tmp"):
             stale.unlink(missing_ok=True)
     records = _write_safetensors(src, files, out, progress) if fmt == "safetensors" else _write_pth(src, files, out, progress)
-    src.args.write_params_json(out / "params.json")
+    if fmt == "pth":  # for Meta's own code, which takes only its own keys
+        atomic_write_bytes(out / "params.json", json.dumps(meta_params(src.args), indent=2).encode() + b"\n")
+    else:
+        src.args.write_params_json(out / "params.json")
     records.append(_record(out / "params.json"))
     if src.tokenizer is not None:
         with atomic_path(out / src.tokenizer.name) as tmp:
@@ -228,7 +180,9 @@ def _write_safetensors(src: Checkpoint, files: list, out: Path, progress: bool) 
             by_source.setdefault(p.src.key, []).append((i, p))
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_path(out / f.name)) for f in files]
-        writers = [SafetensorsStreamWriter(tmp, f.pieces) for tmp, f in zip(tmps, files)]
+        writers = [SafetensorsStreamWriter(tmp, [(p.key, p.src.dtype, p.shape) for p in f.pieces],
+                                           write=lambda f, data: _write(f, data))  # the tests' hook
+                   for tmp, f in zip(tmps, files)]
         stack.callback(lambda: [w.f.close() for w in writers])
         for key, t in tqdm(src.tensors.items(), total=len(src.tensors), unit="tensor", disable=not progress,
                            desc=f"{len(files)} file(s)"):

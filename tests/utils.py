@@ -282,6 +282,7 @@ def hf_from_ours(model: Transformer) -> LlamaForCausalLM:
     cfg = LlamaConfig(hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim, num_hidden_layers=a.n_layers,
                       num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, vocab_size=a.vocab_size,
                       rms_norm_eps=a.norm_eps, rope_theta=a.rope_theta, max_position_embeddings=256,
+                      rope_scaling=dict(a.rope_scaling) if a.rope_scaling else None,
                       tie_word_embeddings=False, attn_implementation="eager")
     hf = LlamaForCausalLM(cfg).float()
     hf.load_state_dict(meta_state_to_hf(model.state_dict(), a.n_layers, a.n_heads, a.n_kv_heads), strict=True)

@@ -9,7 +9,7 @@ splitter), so no reader ever holds a second copy of a model.
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -17,6 +17,7 @@ from llama.config import ModelArgs
 from llama.errors import LlamaInputError
 from llama.formats.tensorfiles import SafetensorsFile, page_out
 from llama.layers import expected_shapes, unpermute_rope_rows, unpermute_rope_rows_
+from llama.plugins import load_plugins
 
 # Rows read at a time by read_rows: bounds memory whatever the tensor size (an 8B model's
 # embedding is 1 GB).
@@ -41,6 +42,7 @@ class TensorEntry:
     cat_dim: Optional[int] = None
     rope_heads: Optional[int] = None  # HF q/k: rows to un-permute, in heads of shape[0] // rope_heads rows
     tied_to: Optional[str] = None  # an output layer stored as the embedding (tie_word_embeddings)
+    compute: Optional[Callable] = None  # a tensor not stored as such (a dequantized int4 weight): read = compute()
 
     @property
     def nbytes(self) -> int:
@@ -111,6 +113,8 @@ class Checkpoint:
     def read(self, key: str) -> torch.Tensor:
         """The whole tensor in Meta layout, in its own memory (or mmapped from a `.pth`)."""
         t = self.tensors[key]
+        if t.compute is not None:
+            return t.compute()
         if len(t.parts) == 1:
             block = t.parts[0].file.get(t.parts[0].name)
         else:
@@ -235,6 +239,10 @@ class Format:
         folder must hold `parts` shards), or everything merged when parts is 1."""
         raise NotImplementedError
 
+    def open_float(self, d: Path) -> Checkpoint:
+        """The whole checkpoint with any quantized weights as float tensors (for the exporters)."""
+        return self.open(d)
+
     def load_model(self, ckpt_dir, args: ModelArgs, dtype, device, mp_rank: int, mp_size: int):
         """A quantized format (`quant` set) builds its own model: its tensors are not float
         weights for `open` to hand out (see llama.loader.load_model)."""
@@ -253,6 +261,7 @@ def detect_format(ckpt_dir) -> Format:
     d = Path(ckpt_dir)
     if not d.is_dir():
         raise LlamaInputError(f"{d}: checkpoint folder not found")
+    load_plugins()
     for fmt in FORMATS:
         if fmt.detect(d):
             return fmt

@@ -2,6 +2,7 @@
 each tensor read straight from disk into its own memory) and torch pickles (`.pth`/`.bin`,
 weights_only, mmapped where the file allows)."""
 import ctypes
+import hashlib
 import json
 import math
 import mmap
@@ -156,3 +157,63 @@ def page_out(view: torch.Tensor) -> None:
     start, end = -(-start // page) * page, end // page * page
     if end > start:
         _madvise(start, end - start, _MADV_PAGEOUT)
+
+
+# --- writing safetensors a tensor (or a row block) at a time ---------------------------------------
+
+
+def _as_bytes(t: torch.Tensor):
+    t = t.contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+
+def safetensors_header(entries: list, metadata: dict | None = None) -> bytes:
+    """The header for entries [(name, dtype, shape)] laid out back to back in order, padded (with
+    spaces, as the format allows) so the data starts 8-byte aligned."""
+    header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
+    for name, dtype, shape in entries:
+        nbytes = dtype.itemsize * math.prod(shape)
+        header[name] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class SafetensorsStreamWriter:
+    """Writes a safetensors file whose header is known up front ([(name, dtype, shape)]), the data
+    appended in header order, whole tensors or row blocks; checks every block and the final size;
+    hashes as it goes. `write(f, data)` does the writing (a hook for tests)."""
+
+    def __init__(self, path: Path, entries: list, metadata: dict | None = None, write=None):
+        self.path = path
+        self.entries = [(name, dtype, dtype.itemsize * math.prod(shape)) for name, dtype, shape in entries]
+        head = safetensors_header(entries, metadata)
+        self.size = len(head) + sum(n for _, _, n in self.entries)
+        self.sha = hashlib.sha256()
+        self._write = write or (lambda f, data: f.write(data))
+        self.f = open(path, "wb")
+        self.index, self.done = 0, 0  # current entry, bytes of it written
+        self._put(head)
+
+    def _put(self, data) -> None:
+        self._write(self.f, data)
+        self.sha.update(data)
+
+    def append(self, name: str, block: torch.Tensor) -> None:
+        while self.index < len(self.entries) and self.done == self.entries[self.index][2] \
+                and self.entries[self.index][0] != name:
+            self.index, self.done = self.index + 1, 0
+        entry = self.entries[self.index] if self.index < len(self.entries) else None
+        data = _as_bytes(block)
+        if entry is None or entry[0] != name or block.dtype != entry[1] or self.done + len(data) > entry[2]:
+            raise RuntimeError(f"{self.path}: block of {name} out of order")  # a bug here, not bad input
+        self._put(data)
+        self.done += len(data)
+
+    def close(self) -> str:
+        self.f.close()
+        written = self.path.stat().st_size
+        if written != self.size:
+            raise RuntimeError(f"{self.path}: wrote {written} bytes, header promised {self.size}")
+        return self.sha.hexdigest()

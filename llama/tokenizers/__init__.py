@@ -26,6 +26,11 @@ def find_tokenizer(ckpt_dir) -> Path:
                           "pass --tokenizer_path")
 
 
+def tokenizer_file_name(path) -> str:
+    """The name a tokenizer file goes by beside the weights it was copied to."""
+    return "tokenizer.json" if Path(path).suffix == ".json" else "tokenizer.model"
+
+
 def check_vocab(args, tokenizer: Tokenizer) -> None:
     """LLaMA-1's params.json says vocab_size -1: take it from the tokenizer; otherwise they must agree."""
     if args.vocab_size == -1:
@@ -37,4 +42,4 @@ def check_vocab(args, tokenizer: Tokenizer) -> None:
 
 
 __all__ = ["KINDS", "HFJsonTokenizer", "SentencePieceTokenizer", "StreamDecoder", "TiktokenTokenizer", "Tokenizer",
-           "check_vocab", "find_tokenizer", "register_tokenizer"]
+           "check_vocab", "find_tokenizer", "tokenizer_file_name", "register_tokenizer"]

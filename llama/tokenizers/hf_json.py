@@ -30,17 +30,7 @@ from pathlib import Path
 
 from llama.errors import LlamaInputError
 from llama.tokenizers.base import register_tokenizer
-from llama.tokenizers.tiktoken_bpe import TiktokenKind
-
-
-def byte_to_unicode() -> dict:
-    """GPT-2's table (HF's ByteLevel): printable Latin-1 bytes map to themselves, the other 68 to
-    U+0100 onwards in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    for n, b in enumerate(b for b in range(256) if b not in table):
-        table[b] = chr(256 + n)
-    return table
+from llama.tokenizers.tiktoken_bpe import TiktokenKind, byte_to_unicode
 
 
 # byte-level string -> its bytes: str.translate each character to chr(byte), then latin-1

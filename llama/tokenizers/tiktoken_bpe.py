@@ -57,6 +57,16 @@ def meta_pieces(text: str):
         yield chunk[start:]
 
 
+def byte_to_unicode() -> dict:
+    """GPT-2's table (HF's ByteLevel): printable Latin-1 bytes map to themselves, the other 68 to
+    U+0100 onwards in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return table
+
+
 class TiktokenKind(Tokenizer):
     """A tiktoken Encoding behind our interface; a kind sets it up with `_setup`."""
 
@@ -94,6 +104,32 @@ class TiktokenKind(Tokenizer):
 
     def special_id(self, text: str):
         return self.specials.get(text)
+
+    # --- the vocabulary as HF and llama.cpp write it, for the exporters (llama/export) ---------
+
+    def split_pattern(self) -> str:
+        """The regular expression the text is cut with before BPE (Meta's for Llama-3)."""
+        return self.model._pat_str
+
+    def bpe_vocab_and_merges(self) -> tuple[dict, list]:
+        """The ranks as byte-level strings (GPT-2's byte-to-unicode, as HF's tokenizer.json and
+        GGUF write tokens) -> id, and the merges as (left, right) pairs of such strings, listed as
+        HF's tiktoken converter (transformers' TikTokenConverter) lists them: every split of a token
+        into two tokens, by the joined token's rank, then by the ranks of the parts. A merge-list BPE
+        (HF's, llama.cpp's) then merges as tiktoken does (llama/tokenizers/hf_json.py says when not)."""
+        ranks = {b: self.model.encode_single_token(b) for b in self.model.token_byte_values()}
+        to_text = str.maketrans({chr(b): c for b, c in byte_to_unicode().items()})
+
+        def text(token: bytes) -> str:
+            return token.decode("latin-1").translate(to_text)
+
+        merges = []
+        for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+            local = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in ranks and token[k:] in ranks]
+            local.sort(key=lambda lr: (ranks[lr[0]], ranks[lr[1]]))
+            merges += local
+        return ({text(b): r for b, r in sorted(ranks.items(), key=lambda kv: kv[1])},
+                [(text(left), text(right)) for left, right in merges])
 
 
 # the first line of a tiktoken file: base64, one space, a rank

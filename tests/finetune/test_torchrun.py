@@ -12,9 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from finetune.demo import FACTS
 from llama.tiny import random_model
-from llama.formats import save_checkpoint
+from llama.formats import read_model_args, save_checkpoint
+from llama.loader import load_model
 from tests.utils import (
-    DEMO_EVAL, DEMO_TRAIN, assert_same_tensors, merge_shards, metrics_by_step as metrics, one_process, run,
+    DEMO_EVAL, DEMO_TRAIN, assert_same_tensors, metrics_by_step as metrics, one_process, run,
     tiny_args, torchrun,
 )
 
@@ -145,10 +146,11 @@ def test_tensor_parallel_matches_one_process(gqa_ckpts, tmp_path, method):
     assert_same_run(tp, tmp_path / "one", tol=1e-4)
     losses = [r["loss"] for k, r in sorted(metrics(tp).items()) if k[1] == "train"]
     assert losses[-1] < losses[0]
-    if method == "full":
-        got = merge_shards(tp / "model")
-        want = load_file(str(tmp_path / "one" / "model" / "consolidated.00.safetensors"))
+    if method == "full":  # each rank's shard staged, then exported whole by rank 0 (merge_format hf)
+        got = load_model(tp / "model", read_model_args(tp / "model")).state_dict()
+        want = load_model(tmp_path / "one" / "model", read_model_args(tmp_path / "one" / "model")).state_dict()
         assert_same_tensors(got, want, tol=1e-5)
+        assert not list(tp.glob(".model*"))  # the staging folder is gone
         base = load_file(str(whole / "consolidated.00.safetensors"))
         assert (got["layers.0.attention.wk.weight"] - base["layers.0.attention.wk.weight"]).abs().max() > 1e-4
     else:
@@ -168,9 +170,10 @@ def test_tensor_parallel_matches_one_process(gqa_ckpts, tmp_path, method):
 
 def test_full_fine_tuning_on_vocab_split_shards_matches_one_process(gqa_ckpts, vocab_split_ckpt, tmp_path):
     """The embedding trains through fairscale's VocabParallelEmbedding; the model written per rank
-    keeps the vocabulary split and merges (split_model.py --n 1) into one process's model."""
+    keeps the vocabulary split (merge_format ours) and merges (split_model.py --n 1) into one
+    process's model."""
     whole, _ = gqa_ckpts
-    kw = dict(method="full", micro_batch_size=4, lr=2e-3)
+    kw = dict(method="full", micro_batch_size=4, lr=2e-3, merge_format="ours")
     tp = tmp_path / "tp"
     result = torchrun(COMMON, vocab_split_ckpt, tp, **kw)
     assert "tensor-parallel 2 x data-parallel 1" in result.stdout

@@ -305,6 +305,14 @@ def test_outputs_of_a_run(base_ckpt, reference_run):
         merged_logits = load_model(out / "merged", read_model_args(out / "merged"))(tokens)
     assert (lora_logits - base_logits).abs().max() > 1e-3, "the adapter changes nothing"
     torch.testing.assert_close(merged_logits, lora_logits, rtol=1e-5, atol=1e-5)
+    # ... and it is an HF folder (merge_format's default) that transformers loads with no code of
+    # ours, with the tokenizer beside it
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, lora_logits, rtol=1e-5, atol=1e-5)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out / "merged")
+    assert hf_tok("The sky is blue").input_ids == Tokenizer(base_ckpt / "tokenizer.model").encode("The sky is blue", bos=True, eos=False)
 
 
 def test_metrics_cut_back_on_resume(base_ckpt, tmp_path):

@@ -414,15 +414,18 @@ def test_wrong_qweight_shape(tmp_path, shape):
     assert named(msg, 0, "attention.wk") and "shape" in msg and "qweight" in msg, msg
 
 
-def test_float_loaders_refuse_a_gptq_folder(gptq_folder):
+def test_a_gptq_folder_loads_as_int4_without_a_flag(gptq_folder):
+    """Its quantization_config says what it holds: quant "none" (no flag) loads it as int4, the
+    same model as quant "int4"; asking for another kind (nf4) is refused."""
     folder, _, _ = gptq_folder
     args = read_model_args(folder)
-    with pytest.raises(LlamaInputError, match="int4"):
-        load_model(folder, args)
-    for quant in ("none", "nf4"):
-        with pytest.raises(LlamaInputError, match="int4") as e:
-            load_model(folder, args, quant=quant)
-        assert str(folder) in str(e.value)
+    x = tokens(6)
+    plain = load_model(folder, args)
+    assert any(isinstance(m, Int4Linear) for m in plain.modules())
+    assert torch.equal(logits_of(plain, x), logits_of(load_model(folder, args, quant="int4"), x))
+    with pytest.raises(LlamaInputError, match="int4") as e:
+        load_model(folder, args, quant="nf4")
+    assert str(folder) in str(e.value)
 
 
 def test_group_size_not_dividing_in_features_on_load(tmp_path):

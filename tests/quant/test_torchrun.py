@@ -152,12 +152,12 @@ def test_tensor_parallel_lora_on_a_quantized_base_matches_one_process(ckpts, tmp
     whole, split, _ = ckpts
     tp = tmp_path / "tp"
     merge = quant == "int4"
-    result = torchrun(COMMON, split, tp, timeout=400, quant=quant, micro_batch_size=4, merge=merge)
+    result = torchrun(COMMON, split, tp, timeout=400, quant=quant, micro_batch_size=4, merge=merge, merge_format="ours")
     assert "tensor-parallel 2 x data-parallel 1" in result.stdout
-    one_process(COMMON, whole, tmp_path / "one", quant=quant, micro_batch_size=4, merge=merge)
+    one_process(COMMON, whole, tmp_path / "one", quant=quant, micro_batch_size=4, merge=merge, merge_format="ours")
     if quant == "int4":
         assert_close_runs(tp, tmp_path / "one", 1e-4, adapter_tol=3e-5)
-        # merge = true under tensor parallelism: each rank exports its dequantized shard + its
+        # merge = true, merge_format ours, under tensor parallelism: each rank writes its dequantized shard + its
         # share of B @ A; put together they are the one-process export (adapters within 3e-5,
         # B @ A * 2 within 1e-4; the int4 part is exactly the same)
         got = merge_shards(tp / "merged")

@@ -262,15 +262,19 @@ def logits_of(model: nn.Module, tokens) -> torch.Tensor:
 
 
 def test_merge_on_an_int4_base_exports_a_float_checkpoint_that_requantizes(fp16_ckpt, int4_run, tmp_path):
-    """Acceptance: LoRA merged into an int4 base exports a float checkpoint, optionally re-quantized."""
+    """Acceptance: LoRA merged into an int4 base exports a float checkpoint (an HF folder, the
+    default merge_format), optionally re-quantized."""
     out, _ = int4_run
     merged_dir = out / "merged"
     args = read_model_args(fp16_ckpt)
-    assert read_model_args(merged_dir) == args
-    assert not (merged_dir / "quantize_config.json").exists() and not (merged_dir / "config.json").exists()
-    merged_state = load_file(str(merged_dir / "consolidated.00.safetensors"))
-    assert all(t.dtype == torch.float32 for t in merged_state.values())
-    assert not any(k.endswith(("qweight", "qzeros", "scales", "g_idx")) or "lora" in k for k in merged_state)
+    config_json = json.loads((merged_dir / "config.json").read_text())
+    assert config_json["model_type"] == "llama" and "quantization_config" not in config_json
+    assert not (merged_dir / "quantize_config.json").exists() and (merged_dir / "tokenizer.model").is_file()
+    stored = load_file(str(merged_dir / "model.safetensors"))
+    assert all(t.dtype == torch.float32 for t in stored.values())
+    assert not any(k.endswith(("qweight", "qzeros", "scales", "g_idx")) or "lora" in k for k in stored)
+    merged_model = load_model(merged_dir, read_model_args(merged_dir))
+    merged_state = merged_model.state_dict()
 
     # weights: our decode of the int4 base + B @ A * alpha / r from the saved (PEFT) adapter, for
     # the layers whose rows need no RoPE permutation (v, o and the FFN)
@@ -288,7 +292,7 @@ def test_merge_on_an_int4_base_exports_a_float_checkpoint_that_requantizes(fp16_
     # logits: the merged float model against the int4 base + adapter it came from. Float32
     # rounding differs only in the order of the sums (W x + B (A x) vs (W + B A) x): 1e-4
     tokens = torch.randint(1, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
-    merged_logits = logits_of(load_model(merged_dir, args), tokens)
+    merged_logits = logits_of(merged_model, tokens)
     lora_logits = logits_of(load_adapter(base_int4, out / "adapter"), tokens)
     torch.testing.assert_close(merged_logits, lora_logits, rtol=1e-4, atol=1e-4)
     base_logits = logits_of(load_model(fp16_ckpt, args, quant="int4", group_size=GROUP), tokens)

@@ -1,0 +1,103 @@
+"""python -m llama.export on a large random checkpoint: wall time and peak RSS of the export process,
+set against the largest tensor (the exporters stream one tensor at a time) and the output.
+
+    python bench/export.py                          # ~1.1 GB bf16 checkpoint -> hf, gguf f16, gguf q8_0, pth
+    python bench/export.py --gb 4 --formats hf:auto # one format only
+
+The source (ours: params.json + consolidated.00.safetensors, LLaMA-7B shapes scaled down in width)
+is generated tensor by tensor, with a sentencepiece tokenizer of its vocabulary trained on random
+words beside it (every format writes the tokenizer; GGUF needs one). Each run is a fresh `python -m llama.export` process measured by a
+small launcher (bench/common.run_measured); the output is removed between runs. The baseline is a
+process that only imports torch and the exporters. Appends one JSON row per format to
+bench/results.jsonl.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import string
+import sys
+import tempfile
+from pathlib import Path
+
+from common import append_row, run_measured, write_random_checkpoint
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A sentencepiece BPE model of exactly vocab_size pieces, trained on random words (seconds)."""
+    from llama.tiny import train_tokenizer
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 9))) for _ in range(40000)]
+    train_tokenizer(path, vocab_size, lines=[" ".join(rng.choice(words) for _ in range(12)) for _ in range(60000)])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gb", type=float, default=1.1, help="source checkpoint size in GB (default 1.1)")
+    p.add_argument("--formats", default="hf:auto,gguf:f16,gguf:q8_0,pth:auto",
+                   help="comma-separated format:outtype pairs (default hf:auto,gguf:f16,gguf:q8_0,pth:auto)")
+    p.add_argument("--runs", type=int, default=3, help="runs per format; the median is reported (default 3)")
+    p.add_argument("--dim", type=int, default=2048, help="model width (default 2048)")
+    p.add_argument("--n_heads", type=int, default=16, help="attention heads (default 16)")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary (default 32000)")
+    p.add_argument("--workdir", help="where to put the checkpoints (default: a temp folder, removed after)")
+    a = p.parse_args(argv)
+
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench_export_"))
+    try:
+        src = work / "src"
+        if not (src / "params.json").is_file():
+            print(f"generating a {a.gb} GB random checkpoint in {src} ...", flush=True)
+            write_random_checkpoint(src, a.gb, a.dim, a.n_heads, a.vocab)
+            write_tokenizer(src / "tokenizer.model", a.vocab)
+        params = json.loads((src / "params.json").read_text())
+        src_bytes = (src / "consolidated.00.safetensors").stat().st_size
+        largest = 2 * a.vocab * a.dim  # the embedding (and output) in bf16
+        _, baseline, _ = run_measured([sys.executable, "-c", "import torch, llama.export, quant"])
+        rows = []
+        for pair in a.formats.split(","):
+            fmt, outtype = pair.split(":")
+            out = work / ("out.gguf" if fmt == "gguf" else "out")
+            cmd = [sys.executable, "-m", "llama.export", "--ckpt_dir", str(src), "--format", fmt, "--out", str(out),
+                   "--outtype", outtype, "--quiet"]
+            walls, rss = [], []
+            for i in range(a.runs):
+                shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+                wall, peak, rc = run_measured(cmd)
+                if rc != 0:
+                    sys.exit(f"export failed with exit code {rc}: {' '.join(cmd)}")
+                walls.append(wall)
+                rss.append(peak)
+                print(f"{fmt} {outtype} run {i + 1}: {wall:.2f} s, peak RSS {peak:.0f} MiB", flush=True)
+            out_bytes = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*"))
+            above = statistics.median(rss) - baseline
+            row = append_row("export", {
+                "source_bytes": src_bytes, "params": params, "format": fmt, "outtype": outtype, "runs": a.runs,
+                "wall_s_median": round(statistics.median(walls), 3), "wall_s": [round(w, 3) for w in walls],
+                "peak_rss_mib_median": round(statistics.median(rss), 1), "peak_rss_mib": [round(r, 1) for r in rss],
+                "baseline_rss_mib": round(baseline, 1), "largest_tensor_bytes": largest, "output_bytes": out_bytes,
+                "above_baseline_over_largest_tensor": round(above * 2**20 / largest, 2),
+                "above_baseline_over_output": round(above * 2**20 / out_bytes, 3),
+                "page_cache": "warm (source just written)",
+                "export_cmd": " ".join(["python"] + cmd[1:]),
+            }, "bench/export.py")
+            rows.append(row)
+        print(f"\nsource {src_bytes / 2**20:.0f} MiB bf16, largest tensor {largest / 2**20:.0f} MiB, "
+              f"import-only RSS {baseline:.0f} MiB, {os.cpu_count()} CPUs")
+        print(f"{'format':>12} {'wall s':>8} {'peak RSS MiB':>13} {'above base MiB':>15} {'/largest tensor':>16} "
+              f"{'output MiB':>11} {'/output':>8}")
+        for r in rows:
+            print(f"{r['format'] + ':' + r['outtype']:>12} {r['wall_s_median']:>8.2f} {r['peak_rss_mib_median']:>13.0f} "
+                  f"{r['peak_rss_mib_median'] - baseline:>15.0f} {r['above_baseline_over_largest_tensor']:>16.2f} "
+                  f"{r['output_bytes'] / 2**20:>11.0f} {r['above_baseline_over_output']:>8.3f}")
+        print(f"medians of {a.runs} runs; appended to bench/results.jsonl")
+    finally:
+        if not a.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
