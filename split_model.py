@@ -32,27 +32,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shard file format for --mode tp: consolidated.NN.safetensors (default) or "
                         "consolidated.NN.pth (torch.save'd dicts, for Meta's own tools)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace a checkpoint already in the output folder (without it the split refuses; "
-                        "re-running the very same split is a no-op)")
+                   help="replace a checkpoint already in the output folder, kept until the new one is complete "
+                        "(without it the split refuses; re-running the very same split is a no-op)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from llama.errors import LlamaInputError  # after parsing (llama imports torch), so --help is instant
+    # after parsing (llama imports torch), so --help is instant
+    from llama.errors import report_errors
+    from split.reshard import default_out
+
+    out = args.out or default_out(args.ckpt_dir, args.mode, args.n)
+    return report_errors(lambda: run(args, out), out)
+
+
+def run(args: argparse.Namespace, out) -> int:
+    """The split itself (bad input raises LlamaInputError, which `main` reports)."""
     from split.reshard import split_checkpoint
 
-    try:
-        out, manifest = split_checkpoint(args.ckpt_dir, args.n, args.out, args.mode, args.format,
-                                         args.overwrite, progress=not args.quiet)
-    except LlamaInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # a full disk, a read-only folder... nothing is left under a final name
-        name = f"{e.filename}: " if e.filename else ""
-        print(f"error: {name}{e.strerror or e}", file=sys.stderr)
-        return 1
+    out, manifest = split_checkpoint(args.ckpt_dir, args.n, out, args.mode, args.format, args.overwrite,
+                                     progress=not args.quiet)
     if manifest is None:
         print(f"{out}/ already holds this split (split.json matches); nothing to do. Pass --overwrite to redo it.")
         return 0

@@ -7,6 +7,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from llama.errors import LlamaInputError
+
 
 @contextlib.contextmanager
 def atomic_path(path):
@@ -49,6 +51,29 @@ def atomic_folder(path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
+
+
+def check_parent(path, option: str = "--out") -> None:
+    """Refuse, before anything is written, an output path below a file (no folder can be made
+    there: the writers would fail only after the work is done). `option` names the setting the
+    user gave the path with."""
+    for parent in Path(path).parents:  # nearest first
+        if parent.exists():
+            if not parent.is_dir():
+                raise LlamaInputError(f"{path}: {parent} is a file, so nothing can be written below it; "
+                                      f"choose another {option}")
+            return
+
+
+def check_new_output(path) -> None:
+    """An output that must not exist yet (an empty folder will do), below a folder."""
+    path = Path(path)
+    check_parent(path)
+    if path.is_dir():
+        if any(path.iterdir()):
+            raise LlamaInputError(f"{path}: a folder that is not empty; choose another --out or remove it")
+    elif path.exists():
+        raise LlamaInputError(f"{path}: a file of that name exists; choose another --out or remove it")
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

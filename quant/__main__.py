@@ -5,9 +5,8 @@
 """
 import argparse
 import sys
-from pathlib import Path
 
-from llama.errors import LlamaInputError
+from llama.errors import LlamaInputError, report_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,48 +31,50 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
+    return report_errors(lambda: run(a), a.out)
+
+
+def run(a: argparse.Namespace) -> int:
+    """Check everything, quantize, write the folder; bad input raises LlamaInputError."""
+    from llama.files import check_new_output
     from llama.formats import read_model_args
     from llama.tokenizers import Tokenizer, check_vocab, find_tokenizer
     from quant.checkpoint import save_int4
     from quant.gptq import calibration_tokens, quantize_checkpoint
 
-    try:
-        if a.group_size != -1 and a.group_size < 1:
-            raise LlamaInputError(f"--group_size must be positive or -1, got {a.group_size}")
-        if a.method == "gptq" and not a.calib:
-            raise LlamaInputError("--method gptq needs --calib FILE (or use --method rtn)")
-        if a.method == "rtn" and a.act_order:
-            raise LlamaInputError("--act_order is a GPTQ option (round-to-nearest has no column order)")
-        if a.n_samples < 1 or a.seq_len < 2:
-            raise LlamaInputError(f"--n_samples must be at least 1 and --seq_len at least 2, got {a.n_samples} and {a.seq_len}")
-        args = read_model_args(a.ckpt_dir)  # a missing or malformed folder is reported before anything else
-        out = Path(a.out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise LlamaInputError(f"{out}: exists and is not empty (or not a folder); choose another --out or remove it")
-        calib, tokenizer_path = None, a.tokenizer_path
+    if a.group_size != -1 and a.group_size < 1:
+        raise LlamaInputError(f"--group_size must be positive or -1, got {a.group_size}")
+    if a.method == "gptq" and not a.calib:
+        raise LlamaInputError("--method gptq needs --calib FILE (or use --method rtn)")
+    if a.method == "rtn" and a.act_order:
+        raise LlamaInputError("--act_order is a GPTQ option (round-to-nearest has no column order)")
+    if a.n_samples < 1 or a.seq_len < 2:
+        raise LlamaInputError(f"--n_samples must be at least 1 and --seq_len at least 2, got {a.n_samples} and {a.seq_len}")
+    args = read_model_args(a.ckpt_dir)  # a missing or malformed folder is reported before anything else
+    check_new_output(a.out)
+    tokenizer_path = a.tokenizer_path
+    if tokenizer_path is None:
+        try:
+            tokenizer_path = find_tokenizer(a.ckpt_dir)
+        except LlamaInputError:
+            if a.method == "gptq":
+                raise
+    calib = None
+    if tokenizer_path is not None:  # checked even where only copied along (rtn): it goes with the weights
+        tokenizer = Tokenizer(tokenizer_path)
+        check_vocab(args, tokenizer)
         if a.method == "gptq":
-            tokenizer_path = tokenizer_path or find_tokenizer(a.ckpt_dir)
-            tokenizer = Tokenizer(tokenizer_path)
-            check_vocab(args, tokenizer)
             calib = calibration_tokens(a.calib, tokenizer, a.n_samples, a.seq_len)
-        elif tokenizer_path is None:  # rtn needs no tokenizer; copy one along if there is one
-            try:
-                tokenizer_path = find_tokenizer(a.ckpt_dir)
-            except LlamaInputError:
-                pass
-        model, stats = quantize_checkpoint(a.ckpt_dir, a.method, a.group_size, a.act_order, a.sym, calib, a.damp,
-                                           device=a.device)
-        quant = {"group_size": a.group_size, "desc_act": a.act_order, "sym": a.sym, "damp_percent": a.damp}
-        out = save_int4(model, a.out, quant, tokenizer_path)
-        if stats:
-            worst = max(stats, key=stats.get)
-            print(f"relative output error on calibration inputs: mean {sum(stats.values()) / len(stats):.2e}, "
-                  f"worst {stats[worst]:.2e} ({worst})")
-        print(f"wrote {out}")
-        return 0
-    except LlamaInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model, stats = quantize_checkpoint(a.ckpt_dir, a.method, a.group_size, a.act_order, a.sym, calib, a.damp,
+                                       device=a.device)
+    quant = {"group_size": a.group_size, "desc_act": a.act_order, "sym": a.sym, "damp_percent": a.damp}
+    out = save_int4(model, a.out, quant, tokenizer_path)
+    if stats:
+        worst = max(stats, key=stats.get)
+        print(f"relative output error on calibration inputs: mean {sum(stats.values()) / len(stats):.2e}, "
+              f"worst {stats[worst]:.2e} ({worst})")
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

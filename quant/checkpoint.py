@@ -11,7 +11,7 @@ import torch
 
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
-from llama.files import atomic_folder, atomic_write_bytes, save_safetensors
+from llama.files import atomic_folder, atomic_write_bytes, check_new_output, save_safetensors
 from llama.formats import Checkpoint, TensorEntry, iter_hf_names, quantization_config, register_format
 from llama.formats.base import single_part, tokenizer_beside
 from llama.formats.hf import HFLayout, hf_weight_files
@@ -185,8 +185,7 @@ def save_int4(model: Transformer, out_dir, quant: dict, tokenizer_path=None) -> 
     layer are stored in fp16 (GPTQ's convention, `torch_dtype: float16`). The folder appears
     whole: it is written under a temporary name and renamed."""
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise LlamaInputError(f"{out}: exists and is not empty; choose another --out or remove it")
+    check_new_output(out)
     args = model.args
     tensors = {}
     layers = quantized_linears(model)

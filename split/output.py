@@ -3,7 +3,9 @@ the output-folder checks and the `split.json` manifest.
 
 Every file goes through `llama.files.atomic_path` (temp file, fsync, rename) and all data files
 are renamed only once every one of them is complete; `params.json` follows, the manifest comes
-last. A split killed at any point leaves no file that looks complete under a final name.
+last. A split killed at any point leaves no file that looks complete under a final name, and
+one replacing an older split (--overwrite) leaves that one as it was until the new data files
+are complete.
 """
 import contextlib
 import hashlib
@@ -18,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from llama.errors import LlamaInputError
-from llama.files import atomic_path, atomic_write_bytes
+from llama.files import atomic_path, atomic_write_bytes, check_parent
 from llama.formats import Checkpoint, TensorEntry
 from llama.export.meta import meta_params
 from llama.formats.tensorfiles import SafetensorsStreamWriter
@@ -117,8 +119,9 @@ def check_output(out: Path, src: Checkpoint, request: dict, files: list, overwri
     it already holds exactly this split."""
     if out.resolve() == src.dir.resolve():
         raise LlamaInputError(f"{out}: the output folder is the checkpoint being split; pass another --out")
+    check_parent(out)
     if out.exists() and not out.is_dir():
-        raise LlamaInputError(f"{out}: exists and is not a folder")
+        raise LlamaInputError(f"{out}: a file, not a folder; choose another --out or remove it")
     existing = checkpoint_files(out)
     if existing and not overwrite:
         if same_split_done(out, request):
@@ -131,7 +134,7 @@ def check_output(out: Path, src: Checkpoint, request: dict, files: list, overwri
     probe = out
     while not probe.exists():
         probe = probe.parent
-    free = shutil.disk_usage(probe).free + (sum(f.stat().st_size for f in existing) if overwrite else 0)
+    free = shutil.disk_usage(probe).free  # an older split stays until the new one is complete: no credit for it
     if need > free:
         raise LlamaInputError(f"{out}: needs {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free there")
     return True
@@ -145,14 +148,21 @@ def write_split(src: Checkpoint, files: list, out: Path, fmt: str, request: dict
     """Write the data files, params.json, the tokenizer and, last, split.json. Returns the
     manifest."""
     out.mkdir(parents=True, exist_ok=True)
-    if overwrite:  # the old checkpoint goes first, so the folder never holds a mixture of two
-        old = checkpoint_files(out)
-        for f in sorted(old, key=lambda f: f.name != MANIFEST):  # the manifest first of all
-            f.unlink()
     for f in files:  # temp files a killed split left behind (atomic_path names them .NAME.*.tmp)
         for stale in out.glob(f".{f.name}.*.tmp"):
             stale.unlink(missing_ok=True)
-    records = _write_safetensors(src, files, out, progress) if fmt == "safetensors" else _write_pth(src, files, out, progress)
+    old = checkpoint_files(out) if overwrite else []
+
+    def clear_old() -> None:
+        """Once every new data file is complete (not renamed yet): the older checkpoint's files the
+        new one does not replace go, manifest first, so the folder never holds a mixture of two."""
+        keep = {f.name for f in files} | {"params.json"}
+        for f in sorted(old, key=lambda f: f.name != MANIFEST):
+            if f.name not in keep:
+                f.unlink()
+
+    write = _write_safetensors if fmt == "safetensors" else _write_pth
+    records = write(src, files, out, progress, clear_old)
     if fmt == "pth":  # for Meta's own code, which takes only its own keys
         atomic_write_bytes(out / "params.json", json.dumps(meta_params(src.args), indent=2).encode() + b"\n")
     else:
@@ -171,9 +181,10 @@ def _record(path: Path, sha: Optional[str] = None) -> dict:
     return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha or _sha256_file(path)}
 
 
-def _write_safetensors(src: Checkpoint, files: list, out: Path, progress: bool) -> list[dict]:
+def _write_safetensors(src: Checkpoint, files: list, out: Path, progress: bool, before_rename) -> list[dict]:
     """All files at once: each source tensor is read once, in row blocks, and each block's
-    pieces are appended to the files that take them."""
+    pieces are appended to the files that take them. `before_rename()` runs once all are
+    complete, before any is renamed into place."""
     by_source = {}
     for i, f in enumerate(files):
         for p in f.pieces:
@@ -200,6 +211,7 @@ def _write_safetensors(src: Checkpoint, files: list, out: Path, progress: bool) 
                             piece = src.scratch("piece", piece.dtype, tuple(piece.shape)).copy_(piece)
                         writers[i].append(p.key, piece)
         shas = [w.close() for w in writers]
+        before_rename()
     return [_record(out / f.name, sha) for f, sha in zip(files, shas)]
 
 
@@ -216,9 +228,10 @@ def _arena(pieces: list) -> list[torch.Tensor]:
     return [torch.empty(0, dtype=p.src.dtype).set_(arena[o:o + p.nbytes], 0, p.shape) for p, o in zip(pieces, offsets)]
 
 
-def _write_pth(src: Checkpoint, files: list, out: Path, progress: bool) -> list[dict]:
+def _write_pth(src: Checkpoint, files: list, out: Path, progress: bool, before_rename) -> list[dict]:
     """One file's dict at a time (torch.save wants the whole dict): peak memory ~ one file.
-    Each output tensor is filled from row blocks of the source, reading only its own share."""
+    Each output tensor is filled from row blocks of the source, reading only its own share.
+    `before_rename()` runs once all are complete, before any is renamed into place."""
     bar = tqdm(total=sum(len(f.pieces) for f in files), unit="tensor", disable=not progress, desc=f"{len(files)} file(s)")
     with contextlib.ExitStack() as stack, bar:
         shas = []
@@ -241,4 +254,5 @@ def _write_pth(src: Checkpoint, files: list, out: Path, progress: bool) -> list[
             _save_pth(state, tmp)
             del state, buf
             shas.append(_sha256_file(tmp))
+        before_rename()
     return [_record(out / f.name, sha) for f, sha in zip(files, shas)]

@@ -9,6 +9,7 @@ a `split.json` manifest, where there is one, still matches the files.
 """
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +18,7 @@ from llama.errors import LlamaInputError
 from llama.formats import META, OURS, Checkpoint, detect_format, open_checkpoint
 from llama.formats.base import single_part, tokenizer_beside
 from llama.formats.tensorfiles import SafetensorsFile
+from llama.tokenizers import Tokenizer, check_vocab
 
 MANIFEST = "split.json"
 STAGE_RE = re.compile(r"stage\.(\d+)\.safetensors")
@@ -78,6 +80,9 @@ def open_source(ckpt_dir) -> Checkpoint:
         if listed and len(listed) != len(src.files) - 1:
             raise LlamaInputError(f"{d}: {len(src.files) - 1} shard files but {d / MANIFEST} lists {len(listed)}")
     src.check()
+    if src.tokenizer is not None:  # copied into the output, so it must belong to these weights
+        vocab = src.shape("output.weight")[0]  # the model's, also where params.json says -1 (LLaMA-1)
+        check_vocab(replace(src.args, vocab_size=vocab), Tokenizer(src.tokenizer))
     order = sorted(src.tensors, key=lambda k: -src.tensors[k].dtype.itemsize)  # stable: model order within a dtype
     src.tensors = {k: src.tensors[k] for k in order}
     return src

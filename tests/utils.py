@@ -359,6 +359,60 @@ def run_split(*argv) -> int:
     return split_model.main([str(a) for a in argv] + ["--quiet"])
 
 
+# The faults of a Meta checkpoint a user can make by copying files, and what the error must say.
+BROKEN_META = {
+    "missing_last": "consolidated.01.pth is missing",  # a 2-shard checkpoint with one file: no gap in the names
+    "extra_shard": "consolidated.02.pth is one shard too many",
+    "mixed_same_shapes": "consolidated.01.pth: the shards disagree",  # another model's shard 1, same shapes
+    "mixed_other_shapes": "consolidated.01.pth: the shards disagree",  # another model's shard 1, other shapes
+}
+
+
+def broken_meta(root: Path, case: str, tokenizer_path=None) -> Path:
+    """A 2-shard Meta checkpoint at root / case (with the tokenizer, if given), broken as
+    BROKEN_META[case] says."""
+    args = tiny_args()
+    d = write_meta(random_model(args).state_dict(), args, root / case, 2, tokenizer_path)
+    if case == "missing_last":
+        (d / "consolidated.01.pth").unlink()
+    elif case == "extra_shard":
+        shutil.copy(d / "consolidated.01.pth", d / "consolidated.02.pth")
+    else:  # a fine-tune's shard 1 of the same shapes gives itself away by its moved norms
+        other = tiny_args(n_kv_heads=2) if case == "mixed_other_shapes" else args
+        state = random_model(other, seed=1).state_dict()
+        state["norm.weight"] = state["norm.weight"] + 0.01
+        shutil.copy(write_meta(state, other, root / f"{case}_other", 2) / "consolidated.01.pth", d / "consolidated.01.pth")
+    return d
+
+
+# `python -m MODULE ARGS...` with the function at HOOK ("module:attr[.attr]") wrapped so that its
+# CALL-th call sends this very process SIGNAL: a real kill or Ctrl-C at a chosen moment of a run.
+SIGNAL_AT = """
+import importlib, os, runpy, signal, sys
+hook, call, signame, module = sys.argv[1:5]
+owner_name, _, path = hook.partition(":")
+owner = importlib.import_module(owner_name)
+*outer, name = path.split(".")
+for part in outer:
+    owner = getattr(owner, part)
+real, calls = getattr(owner, name), [0]
+def wrapped(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == int(call):
+        os.kill(os.getpid(), getattr(signal, signame))  # SIGKILL: no cleanup of any kind runs
+    return real(*args, **kwargs)
+setattr(owner, name, wrapped)
+sys.argv = [module, *sys.argv[5:]]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def run_signalled(hook: str, call: int, signame: str, module: str, *argv, timeout=120) -> subprocess.CompletedProcess:
+    """Run `python -m module argv...` and send it signame at the call-th call of hook (SIGNAL_AT)."""
+    return subprocess.run([sys.executable, "-c", SIGNAL_AT, hook, str(call), signame, module, *map(str, argv)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
 def assert_same_state(got: dict, want: dict) -> None:
     assert set(got) == set(want)
     for key in want:

@@ -10,6 +10,7 @@ from typing import Callable
 
 from llama.errors import LlamaInputError
 from llama.export.source import ExportSource, open_export_source
+from llama.files import check_new_output
 
 # format name -> (write(source, out, outtype, progress) -> Path, the outtypes it takes)
 EXPORTERS: dict[str, tuple[Callable, tuple]] = {}
@@ -33,9 +34,7 @@ def check_request(fmt: str, out, outtype: str) -> None:
         raise LlamaInputError(f"--format {fmt!r}: choose from {', '.join(EXPORTERS)}")
     if outtype not in EXPORTERS[fmt][1]:
         raise LlamaInputError(f"--outtype {outtype!r} is not a {fmt} type: choose from {', '.join(EXPORTERS[fmt][1])}")
-    out = Path(out)
-    if out.exists() and (out.is_file() or any(out.iterdir())):
-        raise LlamaInputError(f"{out}: exists; choose another --out or remove it")
+    check_new_output(out)
 
 
 def write_source(source: ExportSource, fmt: str, out, outtype: str = "auto", progress: bool = True) -> Path:

@@ -7,7 +7,7 @@ GGUF file for llama.cpp, or Meta's .pth layout.
 import argparse
 import sys
 
-from llama.errors import LlamaInputError
+from llama.errors import report_errors
 
 
 def parser() -> argparse.ArgumentParser:
@@ -32,13 +32,12 @@ def main(argv=None) -> int:
     a = parser().parse_args(argv)
     from llama.export import export
 
-    try:
+    def run() -> int:
         out = export(a.ckpt_dir, a.format, a.out, a.adapter, a.tokenizer_path, a.outtype, progress=not a.quiet)
-    except LlamaInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+        return 0
+
+    return report_errors(run, a.out)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llama.errors import LlamaInputError
+from llama.errors import LlamaInputError, report_errors
 from llama.export import EXPORTERS, check_request, write_source
 from llama.export.source import ExportSource, open_checked, open_tokenizer
 from llama.formats import Checkpoint
@@ -104,13 +104,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     run = apply_delta if a.command == "apply" else make_delta
-    try:
+
+    def body() -> int:
         out = run(a.base, a.other, a.out, a.format, a.outtype, a.tokenizer_path, progress=not a.quiet)
-    except LlamaInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+        return 0
+
+    return report_errors(body, a.out)
 
 
 if __name__ == "__main__":

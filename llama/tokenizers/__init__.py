@@ -37,7 +37,8 @@ def check_vocab(args, tokenizer: Tokenizer) -> None:
         args.vocab_size = tokenizer.n_words
     elif args.vocab_size != tokenizer.n_words:
         raise LlamaInputError(
-            f"{tokenizer.path}: tokenizer has {tokenizer.n_words} tokens but the model's vocab_size is {args.vocab_size}"
+            f"{tokenizer.path}: tokenizer has {tokenizer.n_words} tokens but the model's vocab_size is {args.vocab_size}: "
+            "a tokenizer of another model? use the one the checkpoint came with"
         )
 
 

@@ -3,10 +3,15 @@
 Every case goes through both entry points, `Llama.build(ckpt_dir, ...)` and
 `load_model(ckpt_dir, read_model_args(ckpt_dir))` (tokenizer cases through `Llama.build` and
 `Tokenizer` only), and a few through the `example.py` command line, which must print a one-line
-`error: ...` and no traceback.
+`error: ...` and no traceback. The exporters (`python -m llama.export`, `python -m
+llama.export.delta`) answer bad output paths, a full disk, a kill and Ctrl-C the same way,
+leaving nothing behind.
 """
+import errno
 import json
 import os
+import random
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +27,9 @@ from llama.errors import LlamaInputError
 from llama.generation import Llama
 from llama.tiny import random_model
 from llama.tokenizers import Tokenizer
-from tests.utils import ROOT, meta_state_to_hf, tiny_args
+from llama.export.__main__ import main as export_main
+from llama.export.delta import main as delta_main
+from tests.utils import BROKEN_META, ROOT, broken_meta, meta_state_to_hf, run_signalled, tiny_args
 
 ST = "consolidated.00.safetensors"
 PTH = "consolidated.00.pth"
@@ -296,6 +303,14 @@ def test_missing_shard(good_ours, tmp_path, entry, fmt):
     assert_clean_error(lambda: ENTRIES[entry](d), d, f"consolidated.01{ext}")
 
 
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("case", BROKEN_META)
+def test_shards_missing_extra_or_of_two_checkpoints(tmp_path, tokenizer_path, entry, case):
+    """The last shard gone (no gap in the names), one too many, or shard 1 of another model."""
+    d = broken_meta(tmp_path, case, tokenizer_path)
+    assert_clean_error(lambda: ENTRIES[entry](d), BROKEN_META[case])
+
+
 # --- tokenizers ------------------------------------------------------------------------------
 
 
@@ -385,3 +400,78 @@ def test_example_cli_reports_one_line(cli_runs, case):
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, stderr
     assert str(named) in errors[0], errors[0]
+
+
+# --- the exporters: output paths, a full disk, a kill, Ctrl-C ----------------------------------
+
+
+def export_error(capsys, run, argv, status=2) -> str:
+    """run(argv) (an exporter's main) exits `status` with one `error: ...` line; that line."""
+    assert run([str(a) for a in argv]) == status
+    err = capsys.readouterr().err
+    lines = [ln for ln in re.split(r"[\r\n]+", err) if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("fmt", ["hf", "pth", "gguf"])
+@pytest.mark.parametrize("where", ["out", "parent"])
+def test_export_out_is_a_file(good_ours, tmp_path, capsys, fmt, where):
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"keep me")
+    out = taken if where == "out" else taken / "export"
+    line = export_error(capsys, export_main, ["--ckpt_dir", good_ours, "--format", fmt, "--out", out, "--quiet"])
+    assert (f"{out}: a file of that name exists" if where == "out" else f"{taken} is a file") in line
+    assert taken.read_bytes() == b"keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_export_tokenizer_of_another_model(tmp_path, capsys, tokenizer_path):
+    d = tmp_path / "big_vocab"
+    save_checkpoint(random_model(tiny_args(vocab_size=500)), d)
+    line = export_error(capsys, export_main, ["--ckpt_dir", d, "--format", "hf", "--out", tmp_path / "hf",
+                                              "--tokenizer_path", tokenizer_path, "--quiet"])
+    assert f"{tokenizer_path}: tokenizer has 384 tokens but the model's vocab_size is 500" in line
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("tool", ["hf", "pth", "gguf", "delta"])
+def test_export_disk_full_while_writing(good_ours, tmp_path, capsys, monkeypatch, tool):
+    """ENOSPC at the first fsync: a folder's first files are in its temp folder, a GGUF file is
+    complete under its temp name; neither may appear under the final name."""
+    real_fsync = os.fsync
+
+    def full(fd):
+        monkeypatch.setattr(os, "fsync", real_fsync)  # once
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "work" / "export"
+    out.parent.mkdir()
+    if tool == "delta":  # base + base: the delta tool writes through the same exporters
+        run, argv = delta_main, ["apply", "--base", good_ours, "--delta", good_ours, "--out", out, "--quiet"]
+    else:
+        run, argv = export_main, ["--ckpt_dir", good_ours, "--format", tool, "--out", out, "--quiet"]
+    monkeypatch.setattr(os, "fsync", full)
+    line = export_error(capsys, run, argv, status=1)
+    assert line == f"error: no space left on device writing {out}; nothing was written"
+    assert list(out.parent.iterdir()) == []  # no output, no temp file or folder
+    assert run([str(a) for a in argv]) == 0 and out.exists()
+
+
+@pytest.mark.parametrize("fmt,hook,calls,signame,seed", [
+    ("hf", "os:fsync", 3, "SIGKILL", 0),  # config.json, generation_config.json, tokenizer files: before the rename
+    ("gguf", "gguf:GGUFWriter.write_tensor_data", 19, "SIGINT", 1),  # 2 layers x 9 tensors + embedding + norm + output
+])
+def test_export_killed_or_interrupted_while_writing(good_ours, tmp_path, fmt, hook, calls, signame, seed):
+    """A real signal at a seeded random moment of the write: no output; Ctrl-C says so in one
+    line and takes its temp file away; the re-run succeeds."""
+    out = tmp_path / ("model.gguf" if fmt == "gguf" else "hf")
+    argv = ["--ckpt_dir", good_ours, "--format", fmt, "--out", out, "--quiet"]
+    result = run_signalled(hook, random.Random(seed).randrange(1, calls + 1), signame, "llama.export", *argv)
+    assert not out.exists()
+    if signame == "SIGINT":
+        assert result.returncode == 130
+        assert result.stderr.strip() == f"error: interrupted; nothing was written to {out}"
+        assert list(tmp_path.iterdir()) == []
+    else:
+        assert result.returncode == -9
+    assert export_main([str(a) for a in argv]) == 0 and out.exists()

@@ -240,4 +240,5 @@ def test_a_llama3_tokenizer_of_another_vocabulary_is_refused(tmp_path, tiny_tok_
                   "--prompt", "hi"], timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {tiny_tok_path}: tokenizer has {tok.n_words} tokens but the model's vocab_size is {tok.n_words + 2}"]
+        f"error: {tiny_tok_path}: tokenizer has {tok.n_words} tokens but the model's vocab_size is {tok.n_words + 2}: "
+        "a tokenizer of another model? use the one the checkpoint came with"]

@@ -1,8 +1,11 @@
 """Bad input stops with one `error: ...` line BEFORE anything is written; a disk that fills up
-mid-write leaves no file under a final name; the output folder is never silently clobbered."""
+mid-write, a kill or Ctrl-C leaves no file under a final name and an older split as it was; the
+output folder is never silently clobbered."""
 import errno
 import json
 import os
+import random
+import shutil
 import subprocess
 import sys
 from collections import namedtuple
@@ -11,7 +14,7 @@ import pytest
 
 import split.output as split_output
 from llama.tiny import random_model
-from tests.utils import ROOT, random_ours, run_split, tiny_args, write_meta
+from tests.utils import BROKEN_META, ROOT, broken_meta, random_ours, run_signalled, run_split, tiny_args, write_meta
 
 
 shutil_usage = namedtuple("usage", "total used free")
@@ -75,13 +78,40 @@ def test_missing_middle_shard(tmp_path, capsys):
     assert not (tmp_path / "meta_fs2").exists()
 
 
-def test_missing_last_shard_without_manifest(tmp_path, capsys):
+def test_missing_last_of_four_shards_without_manifest(tmp_path, capsys):
+    """No gap in the names: the first shard's embedding share says how many there should be."""
     args = tiny_args()
     meta = write_meta(random_model(args).state_dict(), args, tmp_path / "meta", 4)
     (meta / "consolidated.03.pth").unlink()
     err = refused(capsys, "--n", 1, "--ckpt_dir", meta)
-    assert "is a shard missing?" in err and "params.json implies" in err
+    assert "consolidated.03.pth is missing" in err and "looks like a 4-shard checkpoint" in err
     assert not (tmp_path / "meta_fs1").exists()
+
+
+@pytest.mark.parametrize("case", BROKEN_META)
+def test_shards_missing_extra_or_of_two_checkpoints(tmp_path, capsys, case):
+    meta = broken_meta(tmp_path, case)
+    assert BROKEN_META[case] in refused(capsys, "--n", 1, "--ckpt_dir", meta)
+    assert not (tmp_path / f"{case}_fs1").exists()
+
+
+def test_tokenizer_of_another_model(tmp_path, capsys, tokenizer_path):
+    """The split copies the source's tokenizer: one of another vocabulary is refused, not copied."""
+    src = random_ours(tmp_path, vocab_size=500)  # the tokenizer has 384 pieces
+    shutil.copy(tokenizer_path, src / "tokenizer.model")
+    err = refused(capsys, "--n", 2, "--ckpt_dir", src)
+    assert f"{src / 'tokenizer.model'}: tokenizer has 384 tokens but the model's vocab_size is 500" in err
+    assert not (tmp_path / "src_fs2").exists()
+
+
+@pytest.mark.parametrize("where", ["out", "parent"])
+def test_output_path_is_a_file(tmp_path, capsys, where):
+    src = random_ours(tmp_path)
+    (tmp_path / "taken").write_bytes(b"keep me")
+    out = tmp_path / "taken" if where == "out" else tmp_path / "taken" / "out"
+    err = refused(capsys, "--n", 2, "--ckpt_dir", src, "--out", out)
+    assert ("a file, not a folder" if where == "out" else f"{tmp_path / 'taken'} is a file") in err
+    assert (tmp_path / "taken").read_bytes() == b"keep me"
 
 
 def test_missing_or_truncated_last_shard_with_manifest(tmp_path, capsys):
@@ -101,6 +131,11 @@ def test_missing_or_truncated_last_shard_with_manifest(tmp_path, capsys):
 def no_files_left(out) -> None:
     """Nothing under a final name, and no temp files either."""
     assert not out.exists() or sorted(p.name for p in out.iterdir()) == []
+
+
+def contents(folder) -> dict:
+    """Every file of a folder (temp files left by a kill aside): name -> bytes."""
+    return {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.endswith(".tmp")}
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
@@ -126,17 +161,18 @@ def test_disk_full_mid_write_leaves_no_file(tmp_path, capsys, monkeypatch, fmt):
     monkeypatch.setattr(split_output, "_save_pth", full_save)
     out = tmp_path / "out"
     assert run_split("--n", 2, "--ckpt_dir", src, "--out", out, "--format", fmt) == 1
-    assert "No space left on device" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: no space left on device writing {out}; nothing was written\n"
     no_files_left(out)
-    # over an existing split (--overwrite): the old one is gone, nothing half-new is there
+    # over an existing split (--overwrite): the old one stays as it was, nothing half-new is there
     monkeypatch.setattr(split_output, "_write", real_write)
     monkeypatch.setattr(split_output, "_save_pth", real_save)
     assert run_split("--n", 4, "--ckpt_dir", src, "--out", out) == 0
+    before = contents(out)
     monkeypatch.setattr(split_output, "_write", full_write)
     monkeypatch.setattr(split_output, "_save_pth", full_save)
     calls["n"] = 0
     assert run_split("--n", 2, "--ckpt_dir", src, "--out", out, "--format", fmt, "--overwrite") == 1
-    no_files_left(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(before) and contents(out) == before
 
 
 def test_command_line_error_is_one_line(tmp_path):
@@ -158,27 +194,14 @@ def test_not_enough_free_space_is_refused_up_front(tmp_path, capsys, monkeypatch
     assert not (tmp_path / "out").exists()
 
 
-KILLER = """
-import os, signal, sys
-import split.output, split_model
-calls = 0
-real = split.output._write
-def write(f, data):
-    global calls
-    calls += 1
-    if calls == int(sys.argv[1]):
-        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup of any kind runs
-    real(f, data)
-split.output._write = write
-split_model.main(sys.argv[2:])
-"""
+WRITES = 44  # split.output._write calls of the 2-way split below (a header and the blocks of each file)
 
 
 def test_killed_split_leaves_no_file_that_looks_complete(tmp_path):
     src = random_ours(tmp_path)
     out = tmp_path / "out"
     argv = ["--n", "2", "--ckpt_dir", str(src), "--out", str(out), "--quiet"]
-    result = subprocess.run([sys.executable, "-c", KILLER, "20", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_signalled("split.output:_write", 20, "SIGKILL", "split_model", *argv)
     assert result.returncode == -9
     left = sorted(p.name for p in out.iterdir())
     assert left and all(name.startswith(".") and name.endswith(".tmp") for name in left)  # only temp files
@@ -186,3 +209,27 @@ def test_killed_split_leaves_no_file_that_looks_complete(tmp_path):
     assert run_split(*argv) == 0
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     assert (out / "split.json").is_file()
+
+
+@pytest.mark.parametrize("signame,seed", [("SIGKILL", 0), ("SIGKILL", 1), ("SIGINT", 2)])
+def test_interrupted_overwrite_keeps_the_older_split(tmp_path, signame, seed):
+    """A split replacing another (--overwrite), killed or Ctrl-C'd at a seeded random moment of
+    its writing: the older split is still there byte for byte; Ctrl-C says so in one line."""
+    src = random_ours(tmp_path)
+    out = tmp_path / "out"
+    assert run_split("--n", 4, "--ckpt_dir", src, "--out", out) == 0
+    before = contents(out)
+    argv = ["--n", "2", "--ckpt_dir", str(src), "--out", str(out), "--overwrite", "--quiet"]
+    moment = random.Random(seed).randrange(1, WRITES + 1)
+    result = run_signalled("split.output:_write", moment, signame, "split_model", *argv)
+    if signame == "SIGINT":
+        assert result.returncode == 130
+        assert result.stderr == f"error: interrupted; nothing was written to {out}\n"
+        assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # cleaned up on the way out
+    else:
+        assert result.returncode == -9
+    assert contents(out) == before
+    assert run_split(*argv) == 0
+    assert json.loads((out / "split.json").read_text())["n"] == 2
+    assert sorted(p.name for p in out.glob("consolidated.*")) == ["consolidated.00.safetensors",
+                                                                  "consolidated.01.safetensors"]
