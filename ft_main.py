@@ -7,6 +7,7 @@ With no arguments it runs the embedded demo on CPU (torchrun_configs/demo.toml):
 built on first use, LoRA-tuned on a bundled instruction task, with exact match before and after.
 `python ft_main.py --help` lists every key.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ DEMO_CONFIG = Path(__file__).resolve().parent / "torchrun_configs" / "demo.toml"
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     from finetune.config import load_config
-    from finetune.trainer import TrainingDiverged, train
+    from finetune.stopping import StopNow, TrainingInterrupted
+    from finetune.trainer import CheckpointWriteFailed, TrainingDiverged, train
     from llama.distributed import shutdown_model_parallel
 
     try:
@@ -34,9 +36,13 @@ def main(argv=None) -> int:
     except LlamaInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointWriteFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (TrainingInterrupted, StopNow) as e:  # SIGINT or SIGTERM: 130 or 143, as shells report them
+        if os.environ.get("RANK", "0") == "0":  # every rank stops alike (under torchrun): say it once
+            print(e, file=sys.stderr)
+        return e.exit_code
     return 0
 
 

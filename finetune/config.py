@@ -2,6 +2,7 @@
 [model], [method], [data], [train] tables) and overridable on the command line (--lr 1e-4)."""
 import argparse
 import difflib
+import json
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -88,7 +89,8 @@ class TrainConfig:
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise LlamaInputError(f"{key} = {getattr(self, key)!r}: choose from {', '.join(allowed)}")
+                raise LlamaInputError(f"{key} = {getattr(self, key)!r}: choose from {', '.join(allowed)}"
+                                      f"{did_you_mean(str(getattr(self, key)), allowed)}")
         for key in ("micro_batch_size", "grad_accum", "cutoff_len", "keep_last"):
             if getattr(self, key) < 1:
                 raise LlamaInputError(f"{key} must be at least 1")
@@ -107,35 +109,63 @@ GROUPS = ("model", "method", "data", "train")
 KEYS = {f.name: f for f in fields(TrainConfig)}
 
 
+def did_you_mean(word: str, choices) -> str:
+    """"; did you mean 'x'?" for the closest of choices, or "" when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def unknown_key(key: str, where: str) -> LlamaInputError:
-    close = difflib.get_close_matches(key, KEYS, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return LlamaInputError(f"unknown config key {key!r} in {where}{hint}")
+    return LlamaInputError(f"unknown config key {key!r} in {where}{did_you_mean(key, KEYS)}")
+
+
+EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 
 
 def coerce(key: str, value, where: str):
-    """A TOML or command-line value -> the key's type ("1e-4" -> 1e-4, "q_proj,v_proj" -> list)."""
+    """A TOML or command-line value -> the key's type ("1e-4" -> 1e-4, "q_proj,v_proj" -> list).
+    Command-line values are strings, parsed; TOML values must already be of the key's kind (an
+    integer is a number, a whole float an integer), so `merge = 3` or `max_steps = true` is
+    refused rather than read as true or 1. The error names the key, the type and the value."""
     default = KEYS[key].default_factory()
     try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(value)
-                return value.lower() in ("true", "1", "yes")
-            return bool(value)
-        if isinstance(default, list):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            kinds = {type(x) for x in default}
-            return [float(x) for x in items] if kinds == {float} else [str(x).strip() for x in items if str(x).strip()]
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        return str(value)
+        return _as_type_of(default, value)
     except (TypeError, ValueError):
-        raise LlamaInputError(f"{where}: {key} = {value!r} is not a valid {type(default).__name__}") from None
+        if isinstance(default, list):
+            expected = f"a list of {'numbers' if default and isinstance(default[0], float) else 'strings'}"
+        else:
+            expected = EXPECTED[type(default)]
+        raise LlamaInputError(f"{where}: {key} = {json.dumps(value, default=str)}: expected {expected}") from None
+
+
+def _as_type_of(default, value):
+    """value as default's type, a command-line string parsed; TypeError or ValueError if it isn't one."""
+    if isinstance(default, list):
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise TypeError(value)
+        item_default = default[0] if default else ""
+        items = [_as_type_of(item_default, x) for x in items]
+        return [x.strip() for x in items if x.strip()] if isinstance(item_default, str) else items
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    if isinstance(value, str):  # from the command line
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        return type(default)(value)
+    if isinstance(default, bool) or isinstance(value, bool):  # bool is an int to Python, not to TOML
+        if type(value) is not type(default):
+            raise TypeError(value)
+        return value
+    if not isinstance(value, (int, float)):
+        raise TypeError(value)
+    if isinstance(default, int) and not float(value).is_integer():
+        raise ValueError(value)
+    return type(default)(value)
 
 
 def read_toml(path) -> dict:

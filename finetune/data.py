@@ -44,9 +44,10 @@ class Example:
 # --- reading ---------------------------------------------------------------------------------
 
 
-def read_rows(path, strict: bool) -> list[tuple[str, dict]]:
-    """[(where, row)] from a JSON array or JSONL file; `where` is "file:line" for error messages.
-    A malformed row is fatal with strict, else reported on stderr and skipped."""
+def read_rows(path, strict: bool) -> tuple[list[tuple[str, dict]], int]:
+    """([(where, row)], how many malformed rows were skipped) from a JSON array or JSONL file;
+    `where` is "file:line" for error messages. A malformed row is fatal with strict, else reported
+    on stderr and skipped."""
     path = Path(path)
     if not path.is_file():
         raise LlamaInputError(f"{path}: data file not found")
@@ -71,7 +72,7 @@ def read_rows(path, strict: bool) -> list[tuple[str, dict]]:
             (rows if isinstance(item, dict) else bad).append((f"{path}:{lineno}", item))
     for where, why in bad:
         report(f"{where}: {why if isinstance(why, str) else 'row is not a JSON object'}", strict)
-    return rows
+    return rows, len(bad)
 
 
 def report(message: str, strict: bool) -> None:
@@ -192,9 +193,12 @@ class DataConfig:
 
 def load_examples(path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list[Example], list[str]]:
     """Read and tokenize a file for cfg.task. Returns (examples, class names for cls)."""
-    rows = read_rows(path, cfg.strict)
+    if cfg.task == "sft":
+        check_cutoff_len(cfg, tokenizer)
+    rows, malformed = read_rows(path, cfg.strict)
     if not rows:
-        raise LlamaInputError(f"{path}: no usable rows")
+        raise LlamaInputError(f"{path}: no usable rows" + (f": {dropped_rows(malformed, malformed, 0, cfg)}"
+                                                           if malformed else " (the file holds no data)"))
     fmt = detect_row_format(rows[0][1])
     wanted = {"sft": ("alpaca", "sharegpt"), "pt": ("text", "labelled"), "cls": ("labelled",), "regression": ("labelled",)}
     if cfg.task not in wanted:
@@ -206,7 +210,7 @@ def load_examples(path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list[Exa
     label_names = list(cfg.label_names)
     if cfg.task == "cls" and not label_names:
         label_names = sorted({str(r["label"]) for _, r in rows if "label" in r})
-    examples, too_long = [], 0
+    examples, too_long, total = [], 0, len(rows) + malformed
     for where, row in rows:
         try:
             ex = make_example(row, fmt, tokenizer, cfg, label_names)
@@ -215,6 +219,7 @@ def load_examples(path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list[Exa
         except (KeyError, TypeError, ValueError) as e:
             missing = f"missing {e}" if isinstance(e, KeyError) else str(e)
             report(f"{where}: {missing}", cfg.strict)
+            malformed += 1
             continue
         if cfg.task == "pt":
             examples += split_long(ex, cfg.cutoff_len)
@@ -227,12 +232,30 @@ def load_examples(path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list[Exa
                          ex.prompt_len)
         examples.append(ex)
     if not examples:
-        why = f"every sample's prompt is longer than cutoff_len {cfg.cutoff_len}" if too_long else "no usable rows"
-        raise LlamaInputError(f"{path}: {why}")
+        raise LlamaInputError(f"{path}: no usable rows: {dropped_rows(total, malformed, too_long, cfg)}")
     if too_long:
-        print(f"warning: {path}: dropped {too_long} sample(s) whose prompt exceeds cutoff_len {cfg.cutoff_len}",
-              file=sys.stderr)
+        print(f"warning: {path}: {dropped_rows(total, 0, too_long, cfg)}", file=sys.stderr)
     return examples, label_names
+
+
+def dropped_rows(total: int, malformed: int, too_long: int, cfg: DataConfig) -> str:
+    """"dropped 7 of 10 rows: 2 malformed (warned above), 5 too long for cutoff_len 64 (...)"."""
+    reasons = []
+    if malformed:
+        reasons.append(f"{malformed} malformed (warned above)")
+    if too_long:
+        reasons.append(f"{too_long} too long for cutoff_len {cfg.cutoff_len} (the prompt fills it: no answer tokens left)")
+    return f"dropped {malformed + too_long} of {total} rows: {', '.join(reasons)}"
+
+
+def check_cutoff_len(cfg: DataConfig, tokenizer: Tokenizer) -> None:
+    """Refuse a cutoff_len that the template's own prompt fills, before reading any data: no
+    sample could keep an answer token."""
+    pieces = render(cfg.template, None, [("", "")], None, tokenizer)
+    prompt_len = tokenize_pieces(tokenizer, pieces, False).prompt_len
+    if cfg.cutoff_len <= prompt_len:
+        raise LlamaInputError(f"cutoff_len {cfg.cutoff_len} leaves no room for an answer: the {cfg.template} "
+                              f"template's own prompt is {prompt_len} token{'s' * (prompt_len != 1)} before any instruction")
 
 
 def make_example(row: dict, fmt: str, tokenizer: Tokenizer, cfg: DataConfig, label_names: list[str]) -> Example:

@@ -3,8 +3,8 @@
 out_dir/checkpoints/step_000120/ holds, per rank, rank{r}.safetensors (trainable parameters, the
 optimizer's tensors, RNG states) and rank{r}.json (everything else: optimizer skeleton, scheduler,
 loss scaler, step), plus the exported adapter in adapter/. Ranks write into step_000120.partial/;
-rank 0 renames it once every rank is done, so a kill at any moment leaves only whole
-checkpoints under their final names.
+rank 0 renames it once every rank is done, and renames a checkpoint to step_N.discard before
+deleting it, so a kill at any moment leaves only whole checkpoints under their final names.
 """
 import json
 import re
@@ -77,7 +77,8 @@ def save_state(out_dir, step: int, rank: int, params: dict, optimizer, scheduler
     root = Path(out_dir) / "checkpoints"
     final, partial = root / f"step_{step:06d}", root / f"step_{step:06d}.partial"
     if rank == 0:
-        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed mid-write
+        for leftover in (partial, *root.glob("step_*.discard")):  # left by a run killed mid-write or mid-delete
+            shutil.rmtree(leftover, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier()
     tensors = {f"param.{k}": v for k, v in params.items()}
@@ -94,13 +95,24 @@ def save_state(out_dir, step: int, rank: int, params: dict, optimizer, scheduler
         write_extra(partial / "adapter")
     _barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():  # the same step saved again (by a run resumed from an older checkpoint)
+            discard(final)
         partial.rename(final)
         fsync_dir(root)
         for old in checkpoints(out_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
     _barrier()
     return final
+
+
+def discard(folder: Path) -> None:
+    """Remove a checkpoint, first renaming it out of the checkpoints' names: a kill (or a second
+    Ctrl-C) halfway through deleting it must not leave a half folder that resume would take."""
+    doomed = folder.with_name(f"{folder.name}.discard")
+    shutil.rmtree(doomed, ignore_errors=True)
+    folder.rename(doomed)
+    fsync_dir(folder.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def load_state(folder, rank: int, params: dict, optimizer, scheduler, scaler) -> int:
@@ -115,8 +127,12 @@ def load_state(folder, rank: int, params: dict, optimizer, scheduler, scaler) ->
     with torch.no_grad():
         for name, p in params.items():
             saved = tensors.get(f"param.{name}")
-            if saved is None or saved.shape != p.shape:
-                raise LlamaInputError(f"{folder}: checkpoint does not match this run's trainable parameter {name}")
+            if saved is None:
+                raise LlamaInputError(f"{folder}: has no {name}, which this run trains (saved with another method, "
+                                      "lora_targets or task?)")
+            if saved.shape != p.shape:
+                raise LlamaInputError(f"{folder}: {name} is {tuple(saved.shape)} in the checkpoint but "
+                                      f"{tuple(p.shape)} in this run")
             p.copy_(saved)
     optimizer.load_state_dict(unflatten(skeleton["optimizer"], tensors))
     scheduler.load_state_dict(skeleton["scheduler"])

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -30,7 +31,7 @@ import quant  # noqa: F401  (registers the int4 and NF4 bases and GPTQ folders w
 from llama.distributed import data_parallel_group, model_parallel_rank, setup_model_parallel
 from llama.errors import LlamaInputError
 from llama.export import export
-from llama.files import atomic_write_bytes
+from llama.files import atomic_write_bytes, check_parent
 from llama.formats import detect_format, n_shards, read_model_args, save_checkpoint
 from llama.generation import parse_dtype
 from llama.loader import load_model
@@ -44,10 +45,15 @@ from finetune.heads import TaskModel
 from finetune.methods import Method, get_method
 from finetune.plot import plot_losses
 from finetune.state import checkpoints, load_state, save_state
+from finetune.stopping import StopSignals, TrainingInterrupted
 
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class CheckpointWriteFailed(OSError):
+    """A checkpoint could not be written (a full disk); the message says what is kept."""
 
 
 def on_gpu(device) -> bool:
@@ -69,13 +75,18 @@ def train(cfg: TrainConfig) -> dict:
         results["exact_match_before"] = match_rate(run, "before")
     bar = tqdm(range(run.start, run.total_steps), initial=run.start, total=run.total_steps, disable=run.rank != 0,
                desc="fine-tuning", dynamic_ncols=True, file=sys.stdout, mininterval=0.5 if sys.stdout.isatty() else 30)
-    for step in bar:
-        record = train_step(run, step)
-        # refresh=False: the bar redraws on its own interval, with its count (an immediate redraw
-        # here would show the count tqdm has not yet stored: 0/N throughout)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}",
-                        refresh=False)
-        results.update(after_step(run, step + 1, record))
+    with StopSignals() as stop:
+        for step in bar:
+            record = train_step(run, step)
+            # refresh=False: the bar redraws on its own interval, with its count (an immediate redraw
+            # here would show the count tqdm has not yet stored: 0/N throughout)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            signum = stop.agreed(run.device)
+            results.update(after_step(run, step + 1, record, save_now=bool(signum)))
+            if signum:
+                bar.close()
+                raise interrupted(run, step + 1, signum)
     bar.close()
     if run.start >= run.total_steps and run.eval_items:  # resumed a finished run: report its metrics again
         results.update(evaluate(run))
@@ -139,8 +150,9 @@ class Run:
 
 
 def setup(cfg: TrainConfig) -> Run:
-    """Processes, the base model with the method attached, the data, the optimizer, and the state
-    of the last checkpoint when resuming."""
+    """Processes, the data, the base model with the method attached, the optimizer, and the state
+    of the last checkpoint when resuming. Bad settings and data are refused before the model loads."""
+    check_out_dir(Path(cfg.out_dir))
     shards = n_shards(cfg.ckpt_dir)
     held = detect_format(cfg.ckpt_dir).quant  # a folder of quantized weights loads as such, frozen
     if held and get_method(cfg.method).trains_base:
@@ -156,6 +168,9 @@ def setup(cfg: TrainConfig) -> Run:
     tokenizer = Tokenizer(cfg.tokenizer_path or find_tokenizer(cfg.ckpt_dir))
     check_vocab(args, tokenizer)
     cfg.template = resolve_template(cfg.template, tokenizer)  # saved with the adapter as resolved
+    train_items, eval_items, label_names = load_data(cfg, tokenizer)
+    rows = pack(train_items, cfg.cutoff_len) if cfg.packing else train_items
+
     dtype = base_dtype(cfg.dtype, (devices or [device])[0])
     model = load_model(cfg.ckpt_dir, args, dtype, device, model_parallel_rank(), tp,
                        quant=cfg.quant, group_size=cfg.quant_group_size)
@@ -163,9 +178,6 @@ def setup(cfg: TrainConfig) -> Run:
         place_layers(model, devices, device_shares(devices))
         device = devices[0]
     model.checkpoint_layers = cfg.grad_checkpointing
-
-    train_items, eval_items, label_names = load_data(cfg, tokenizer)
-    rows = pack(train_items, cfg.cutoff_len) if cfg.packing else train_items
 
     torch.manual_seed(cfg.seed)  # the same adapter init on every rank
     task_model = attach(model, cfg, tokenizer, num_labels=len(label_names)).train()
@@ -185,6 +197,13 @@ def setup(cfg: TrainConfig) -> Run:
             f"{world} process(es): tensor-parallel {tp} x data-parallel {dp}; {len(rows)} rows, {total_steps} steps")
     run.match_set = eval_items[: cfg.exact_match_samples] if cfg.task == "sft" else []
     return run
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an out_dir that is a file, or lies under one, before any work is done."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LlamaInputError(f"out_dir {out_dir} is a file: give a folder (it is created if missing)")
+    check_parent(out_dir, "out_dir")
 
 
 def load_data(cfg: TrainConfig, tokenizer: Tokenizer) -> tuple[list[Example], list[Example], list[str]]:
@@ -226,11 +245,27 @@ def resume(run: Run) -> None:
     cfg = run.cfg
     found = checkpoints(run.out_dir) if cfg.resume == "auto" else [] if cfg.resume == "none" else [Path(cfg.resume)]
     if found:
-        run.start = load_state(found[-1], run.rank, run.named, run.optimizer, run.scheduler, run.scaler)
+        base = trained_base(found[-1])
+        other_base = base is not None and Path(base).resolve() != Path(cfg.ckpt_dir).resolve()
+        try:
+            run.start = load_state(found[-1], run.rank, run.named, run.optimizer, run.scheduler, run.scaler)
+        except LlamaInputError as e:
+            if other_base:  # the likely cause, in the user's terms
+                raise LlamaInputError(f"{e}; it was trained on base {base}, not ckpt_dir {cfg.ckpt_dir}") from None
+            raise
+        if other_base and run.rank == 0:
+            print(f"warning: {found[-1]} was trained on base {base}; resuming it on ckpt_dir {cfg.ckpt_dir}",
+                  file=sys.stderr)
         run.say(f"resumed from {found[-1]} at step {run.start}")
     if run.rank == 0:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(run.metrics_path, run.start)
+
+
+def trained_base(checkpoint: Path) -> Optional[str]:
+    """The base model a checkpoint was trained on, as its run's finetune.json recorded it."""
+    settings = checkpoint / "adapter" / "finetune.json"
+    return json.loads(settings.read_text()).get("base_model") if settings.is_file() else None
 
 
 # --- the step ----------------------------------------------------------------------------------
@@ -286,8 +321,9 @@ def train_step(run: Run, step: int) -> dict:
 # --- logging, evaluation, checkpoints ----------------------------------------------------------
 
 
-def after_step(run: Run, done: int, record: dict) -> dict:
-    """Log step `done` (1-based), evaluate and checkpoint when due. Returns any eval metrics."""
+def after_step(run: Run, done: int, record: dict, save_now: bool = False) -> dict:
+    """Log step `done` (1-based), evaluate and checkpoint when due (or save_now). Returns any eval
+    metrics."""
     cfg, results = run.cfg, {}
     last = done == run.total_steps
     if done % cfg.log_every == 0 or last:
@@ -299,12 +335,34 @@ def after_step(run: Run, done: int, record: dict) -> dict:
             log(run, {"step": done, **results})
             if run.rank == 0:
                 tqdm.write(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
-    if (cfg.save_every and done % cfg.save_every == 0) or last:
+    if (cfg.save_every and done % cfg.save_every == 0) or last or save_now:
+        save(run, done)
+    return results
+
+
+def save(run: Run, done: int) -> None:
+    """Checkpoint step `done`. A failed write (a full disk) stops the run: the checkpoints already
+    saved stay whole (the new one was being written in a .partial folder that resume ignores)."""
+    cfg = run.cfg
+    try:
         folder = save_state(run.out_dir, done, run.rank, run.named, run.optimizer, run.scheduler, run.scaler,
                             cfg.keep_last, lambda f: save_trained(run.task_model, cfg, f, run.label_names))
-        if run.rank == 0:
-            tqdm.write(f"saved {folder}")
-    return results
+    except OSError as e:
+        last_good = checkpoints(run.out_dir)
+        kept = f"{last_good[-1]} is the last whole checkpoint" if last_good else "no checkpoint was saved before"
+        raise CheckpointWriteFailed(f"could not save step {done}'s checkpoint ({e.strerror or e}); {kept}; "
+                                    f"free space and run the same command again to resume") from e
+    if run.rank == 0:
+        tqdm.write(f"saved {folder}")
+
+
+def interrupted(run: Run, done: int, signum: int) -> TrainingInterrupted:
+    """The one line to stop with, once step `done`'s checkpoint is saved after a signal."""
+    folder = checkpoints(run.out_dir)[-1]
+    again = "run the same command again to resume (resume = auto)" if run.cfg.resume == "auto" else \
+        f"run again with --resume {folder} to resume"
+    return TrainingInterrupted(f"interrupted by {signal.Signals(signum).name} at step {done}: saved {folder}; {again}",
+                               signum)
 
 
 def log(run: Run, record: dict) -> None:

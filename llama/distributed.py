@@ -1,6 +1,7 @@
 """Process groups: torchrun's ranks, fairscale's tensor-parallel groups and the data-parallel
 groups across them."""
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -42,7 +43,15 @@ def setup_model_parallel(device: str | None = None, tensor_parallel: int | None 
 
 def shutdown_model_parallel() -> None:
     """Tear the process groups down once every rank is done: gloo aborts a process that leaves
-    (or destroys its groups) while a peer still has collectives in flight."""
+    (or destroys its groups) while a peer still has collectives in flight.
+
+    Called from a `finally` while an exception propagates (this rank failed), it leaves at once:
+    a barrier there would wait for peers that are blocked in another collective, all of them
+    hanging until the 30-minute collective timeout. Leaving closes this rank's connections, so
+    the peers' collectives fail within seconds, and torchrun stops every rank, reporting this
+    one's error first."""
+    if sys.exc_info()[0] is not None:
+        return
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

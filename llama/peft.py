@@ -60,6 +60,12 @@ _EMBEDDING_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 _HEAD_TENSORS = ("score.weight",)
 
 
+def trained_on(config: dict) -> str:
+    """The likely cause of an adapter whose shapes don't fit the model, from its adapter_config.json."""
+    base = config.get("base_model_name_or_path")
+    return f": an adapter for another base model (trained on {base})" if base else ": an adapter for another base model?"
+
+
 def _check_options(config: dict, where) -> None:
     for key, value in config.items():
         if key in _HONOURED or key in _IGNORED:
@@ -256,7 +262,7 @@ def parse_peft_lora(config: dict, tensors: dict, args, where) -> PeftLoRA:
                 raise LlamaInputError(f"{where}: adapter lacks {key}")
             if tuple(pairs[m][part].shape) != want:
                 raise LlamaInputError(f"{where}: {key} has shape {tuple(pairs[m][part].shape)}, expected {want} "
-                                      f"(rank {r})")
+                                      f"(rank {r}){trained_on(config)}")
         b = from_hf_rows(pairs[m]["lora_B"].float(), meta, args)
         lora[meta] = LoRAPair(pairs[m]["lora_A"].float(), b, r, alpha, rslora)
 
@@ -274,7 +280,7 @@ def parse_peft_lora(config: dict, tensors: dict, args, where) -> PeftLoRA:
     for key, t in sorted(whole.items()):
         meta = hf_to_meta_key(key)
         if tuple(t.shape) != shapes[meta]:
-            hint = " (a vocabulary resized in fine-tuning?)" if key in _EMBEDDING_TENSORS else ""
+            hint = " (a vocabulary resized in fine-tuning?)" if key in _EMBEDDING_TENSORS else trained_on(config)
             raise LlamaInputError(f"{where}: {PEFT_PREFIX}{key} has shape {tuple(t.shape)}, expected "
                                   f"{shapes[meta]}{hint}")
         replace[meta] = from_hf_rows(t, meta, args)

@@ -13,6 +13,7 @@ from torch import nn
 
 from llama.errors import LlamaInputError
 from llama.model import Transformer
+from llama.peft import trained_on
 from llama.tokenizers import Tokenizer
 from finetune.methods.base import Method, register_method
 
@@ -131,5 +132,6 @@ class Prompt(Method):
     def load(self, model, config, tensors, where):
         prompt = tensors["prompt_embeddings"]
         if prompt.shape[-1] != model.args.dim:
-            raise LlamaInputError(f"{where}: prompt width {prompt.shape[-1]} but the model's dim is {model.args.dim}")
+            raise LlamaInputError(f"{where}: prompt width {prompt.shape[-1]} but the model's dim is {model.args.dim}"
+                                  f"{trained_on(config)}")
         return PromptTuning(model, prompt.to(model.tok_embeddings.weight.device))

@@ -1,27 +1,37 @@
-"""Bad input to the fine-tuning entry point: `ft_main.main(argv)` returns 2 and prints one
-`error: ...` line on stderr (no traceback) for bad configs and data, skips malformed rows with a
-warning unless --strict, and returns 1 when the loss turns NaN, leaving the checkpoints saved
-before the divergence untouched."""
+"""Bad input and faults at the fine-tuning entry point: `ft_main.main(argv)` returns 2 and prints
+one `error: ...` line on stderr (no traceback) for bad configs, data and adapters, skips malformed
+rows with a warning unless --strict, and returns 1 when the loss turns NaN or a checkpoint can't be
+written, leaving the checkpoints saved before untouched. SIGINT and SIGTERM (real signals to a real
+`ft_main.py`) save a checkpoint at the next step boundary and exit 130 or 143 with one line; the
+rerun resumes and ends as an uninterrupted run."""
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import example
+import finetune.state
 import ft_main
 import finetune.trainer as trainer_module
 from finetune.adapters import attach, load_adapter
 from finetune.config import load_config
-from finetune.state import load_state
+from finetune.state import checkpoints, load_state
 from llama.formats import read_model_args, save_checkpoint
 from llama.loader import load_model
 from llama.tiny import random_model
 from llama.tokenizers import Tokenizer
-from tests.utils import tiny_args
+from tests.utils import DEMO_EVAL, DEMO_TRAIN, ROOT, metrics_by_step, tiny_args
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +143,33 @@ def test_unknown_template_names_it(tmp_path, ckpt, capsys):
     assert "chatml" in msg and "template" in msg
 
 
+@pytest.mark.parametrize("key, typo, meant", [("template", "alpacca", "alpaca"), ("method", "lorra", "lora")])
+def test_unknown_choice_suggests_the_closest(tmp_path, ckpt, capsys, key, typo, meant):
+    rc, _, err = run_main(["--config", base_config(tmp_path, ckpt), f"--{key}", typo], capsys)
+    assert rc == 2
+    msg = one_error(err)
+    assert f"{key} = {typo!r}" in msg and f"did you mean {meant!r}" in msg
+    assert "choose from" in msg and ("vicuna" if key == "template" else "prompt") in msg
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, argv, shown, expected", [
+    ({"lr": "fast"}, [], 'lr = "fast"', "a number"),
+    ({"merge": 3}, [], "merge = 3", "true or false"),
+    ({"max_steps": True}, [], "max_steps = true", "an integer"),
+    ({"ckpt_dir": 7}, [], "ckpt_dir = 7", "a string"),
+    ({}, ["--micro_batch_size", "two"], 'micro_batch_size = "two"', "an integer"),
+], ids=["toml-float", "toml-bool", "toml-int", "toml-str", "command-line-int"])
+def test_config_value_of_the_wrong_type(tmp_path, ckpt, capsys, extra, argv, shown, expected):
+    cfg_path = base_config(tmp_path, ckpt, **extra)
+    rc, _, err = run_main(["--config", cfg_path] + argv, capsys)
+    assert rc == 2
+    msg = one_error(err)
+    assert shown in msg and f"expected {expected}" in msg
+    assert ("the command line" if argv else cfg_path) in msg
+    assert not (tmp_path / "out").exists()
+
+
 # --- data files ------------------------------------------------------------------------------
 
 
@@ -161,10 +198,31 @@ def test_empty_dataset(tmp_path, ckpt, capsys, content):
 
 
 def test_every_sample_longer_than_cutoff(tmp_path, ckpt, capsys):
-    rc, _, err = run_main(["--config", base_config(tmp_path, ckpt), "--cutoff_len", "3"], capsys)
+    """The prompts ("What is 3 plus 4?") fill cutoff_len 6, the plain template's own ~3 don't;
+    one more row is malformed: the message counts both reasons."""
+    lines = [json.dumps(r) for r in rows()] + [BAD_LINES["missing-output"]]
+    train = write_lines(tmp_path / "train.jsonl", lines)
+    rc, _, err = run_main(["--config", base_config(tmp_path, ckpt, train), "--cutoff_len", "6"], capsys)
+    assert rc == 2
+    msg = one_error(err, alone=False)  # after the warning for the malformed row
+    assert msg == (f"error: {train}: no usable rows: dropped 11 of 11 rows: 1 malformed (warned above), 10 too long "
+                   "for cutoff_len 6 (the prompt fills it: no answer tokens left)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("template", ["alpaca", "plain"])
+def test_cutoff_len_within_the_templates_own_prompt(tmp_path, ckpt, capsys, template):
+    """Refused before the data is read (here it is missing): alpaca's preamble alone is ~30 tokens;
+    plain's is only bos (its "\\n" encodes to nothing), which any cutoff_len but 1 leaves room after."""
+    cutoff = 20 if template == "alpaca" else 1
+    rc, _, err = run_main(["--config", base_config(tmp_path, ckpt), "--template", template, "--cutoff_len",
+                           str(cutoff), "--train_file", str(tmp_path / "absent.jsonl")], capsys)
     assert rc == 2
     msg = one_error(err)
-    assert "train.jsonl" in msg and "cutoff_len 3" in msg
+    m = re.fullmatch(rf"error: cutoff_len {cutoff} leaves no room for an answer: the {template} template's own "
+                     r"prompt is (\d+) tokens? before any instruction", msg)
+    assert m and int(m.group(1)) >= cutoff, msg
+    assert not (tmp_path / "out").exists()
 
 
 def test_cls_data_without_label_column(tmp_path, ckpt, capsys):
@@ -225,18 +283,24 @@ def digest(folder: Path) -> dict:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_nan_loss_returns_1_and_keeps_the_last_checkpoint(tmp_path, ckpt, capsys, monkeypatch):
-    """lr 1e30 without clipping: Adam's first update moves every LoRA weight by ~1e30, and the
-    next forward overflows. The step-1 checkpoint (save_every 1) is written before that."""
-    saved = {}
+@pytest.fixture
+def saved(monkeypatch) -> dict:
+    """{checkpoint folder: digest of its files as written} for every checkpoint the run saves."""
+    written = {}
     real_save_state = trainer_module.save_state
 
     def recording_save_state(*args, **kwargs):
         folder = real_save_state(*args, **kwargs)
-        saved[folder] = digest(folder)  # the bytes as written
+        written[folder] = digest(folder)
         return folder
 
     monkeypatch.setattr(trainer_module, "save_state", recording_save_state)
+    return written
+
+
+def test_nan_loss_returns_1_and_keeps_the_last_checkpoint(tmp_path, ckpt, capsys, saved):
+    """lr 1e30 without clipping: Adam's first update moves every LoRA weight by ~1e30, and the
+    next forward overflows. The step-1 checkpoint (save_every 1) is written before that."""
     out = tmp_path / "out"
     cfg_path = base_config(tmp_path, ckpt, lr=1e30, max_grad_norm=0.0, warmup_steps=0, max_steps=6, save_every=1,
                            keep_last=10, lora_targets=["all-linear"])
@@ -277,3 +341,281 @@ def test_nan_loss_returns_1_and_keeps_the_last_checkpoint(tmp_path, ckpt, capsys
     fresh = load_model(ckpt, read_model_args(ckpt))
     load_adapter(fresh, last / "adapter")
     assert torch.isfinite(fresh.layers[0].attention.wq.lora_B.weight).all()
+
+
+def test_full_disk_during_a_checkpoint_returns_1_and_keeps_the_last(tmp_path, ckpt, capsys, saved, monkeypatch):
+    """ENOSPC in the middle of step 2's checkpoint (its first file): one line, exit 1, step 1's
+    checkpoint byte for byte as written and still the one resume takes."""
+    real = finetune.state.save_safetensors
+    calls = {"n": 0}
+
+    def filling_disk(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # step 2's rank0.safetensors
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(finetune.state, "save_safetensors", filling_disk)
+    out = tmp_path / "out"
+    rc, _, err = run_main(["--config", base_config(tmp_path, ckpt, max_steps=4, save_every=1)], capsys)
+    assert rc == 1
+    step1 = out / "checkpoints" / "step_000001"
+    assert one_error(err) == (f"error: could not save step 2's checkpoint (No space left on device); {step1} is the "
+                              "last whole checkpoint; free space and run the same command again to resume")
+    assert list(saved) == [step1] and digest(step1) == saved[step1]
+    assert checkpoints(out) == [step1]
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["is-a-file", "under-a-file"])
+def test_out_dir_that_is_a_file(tmp_path, ckpt, capsys, under):
+    blocker = tmp_path / "results"
+    blocker.write_text("my notes\n")
+    out_dir = blocker / "run" if under else blocker
+    rc, _, err = run_main(["--config", base_config(tmp_path, ckpt), "--out_dir", str(out_dir)], capsys)
+    assert rc == 2
+    msg = one_error(err)
+    if under:
+        assert f"{out_dir}: {blocker} is a file, so nothing can be written below it; choose another out_dir" in msg
+    else:
+        assert f"out_dir {out_dir} is a file" in msg
+    assert blocker.read_text() == "my notes\n"
+
+
+# --- an adapter trained on another base ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wider_ckpt(ckpt) -> Path:
+    """A base of another width (dim 128), the same tokenizer."""
+    d = ckpt.parent / "wider"
+    save_checkpoint(random_model(tiny_args(dim=128)), d)
+    shutil.copy(ckpt / "tokenizer.model", d / "tokenizer.model")
+    return d
+
+
+@pytest.mark.parametrize("method, shapes", [("lora", "(8, 64) in the checkpoint but (8, 128)"),
+                                            ("prompt", "(4, 64) in the checkpoint but (4, 128)")], ids=["lora", "prompt"])
+def test_resuming_on_another_base_names_it(tmp_path, ckpt, wider_ckpt, capsys, method, shapes):
+    cfg_path = base_config(tmp_path, ckpt, max_steps=1, method=method, num_virtual_tokens=4)
+    assert run_main(["--config", cfg_path], capsys)[0] == 0
+    out = tmp_path / "out"
+    before = digest(out)
+    rc, _, err = run_main(["--config", cfg_path, "--ckpt_dir", str(wider_ckpt), "--max_steps", "2"], capsys)
+    assert rc == 2
+    msg = one_error(err)
+    assert f"{shapes} in this run" in msg
+    assert msg.endswith(f"it was trained on base {ckpt}, not ckpt_dir {wider_ckpt}")
+    assert digest(out) == before
+
+    # example.py --adapter: the same adapter on the wider base
+    rc = example.main(["--ckpt_dir", str(wider_ckpt), "--adapter", str(out / "adapter"), "--max_gen_len", "2"])
+    msg = one_error(capsys.readouterr().err)
+    assert rc == 2 and f"an adapter for another base model (trained on {ckpt})" in msg
+
+    # a base of the same shapes elsewhere resumes, with a warning naming both
+    same_shapes = tmp_path / "copy_of_base"
+    shutil.copytree(ckpt, same_shapes)
+    rc, _, err = run_main(["--config", cfg_path, "--ckpt_dir", str(same_shapes), "--max_steps", "2"], capsys)
+    assert rc == 0, err
+    assert f"was trained on base {ckpt}; resuming it on ckpt_dir {same_shapes}" in err
+
+
+# --- SIGINT and SIGTERM ------------------------------------------------------------------------
+
+# ~0.1 s a step (40 micro-batches of 2), so a signal sent once step 1 is logged lands mid-run
+SIGNAL_RUN = ["--max_steps", "12", "--grad_accum", "40", "--save_every", "5", "--keep_last", "3", "--eval_every", "4"]
+
+
+def ft_main_process(cfg_path: str, out_dir: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "ft_main.py"), "--config", cfg_path, "--out_dir", str(out_dir),
+                             *SIGNAL_RUN, *extra], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=240)
+    return proc.returncode, out, err
+
+
+def wait_for_a_logged_step(proc: subprocess.Popen, out_dir: Path) -> None:
+    metrics, deadline = out_dir / "metrics.jsonl", time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()):
+        assert proc.poll() is None, f"ft_main.py ended before logging a step: {proc.communicate()}"
+        assert time.time() < deadline, "no step logged after 120 s"
+        time.sleep(0.01)
+
+
+def deliver(pid: int, signum: int) -> None:
+    """Send signum and wait until the process has taken it (no longer pending), so that a second
+    one sent next is not merged into it."""
+    os.kill(pid, signum)
+    bit = 1 << (signum - 1)
+    while any(int(ln.split()[1], 16) & bit for ln in Path(f"/proc/{pid}/status").read_text().splitlines()
+              if ln.startswith(("SigPnd:", "ShdPnd:"))):
+        time.sleep(0.001)
+
+
+def losses(out_dir: Path) -> dict:
+    return {key: r.get("loss", r.get("eval_loss")) for key, r in metrics_by_step(out_dir).items()}
+
+
+def assert_resumes_as_uninterrupted(cfg_path: str, out_dir: Path, reference: Path) -> None:
+    """The same command again resumes from the newest checkpoint and ends as the uninterrupted run."""
+    newest = checkpoints(out_dir)[-1]
+    rc, out, err = finish(ft_main_process(cfg_path, out_dir))
+    assert rc == 0, err
+    assert f"resumed from {newest}" in out
+    assert losses(out_dir) == pytest.approx(losses(reference), rel=1e-6, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def signal_run(ckpt, tmp_path_factory) -> tuple[str, Path]:
+    """(config, out_dir) of the uninterrupted run the signal tests compare with."""
+    folder = tmp_path_factory.mktemp("signals")
+    cfg_path = base_config(folder, ckpt)
+    rc, _, err = finish(ft_main_process(cfg_path, folder / "reference"))
+    assert rc == 0, err
+    return cfg_path, folder / "reference"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_at_the_next_step_and_resumes(tmp_path, signal_run, signum):
+    cfg_path, reference = signal_run
+    out = tmp_path / "out"
+    proc = ft_main_process(cfg_path, out)
+    wait_for_a_logged_step(proc, out)
+    deliver(proc.pid, signum)
+    rc, _, err = finish(proc)
+    assert rc == 128 + signum  # 130, 143: what a shell reports for a process killed by the signal
+    assert "Traceback" not in err
+    m = re.fullmatch(rf"interrupted by {signum.name} at step (\d+): saved (\S+); run the same command again to "
+                     r"resume \(resume = auto\)", err.strip())
+    assert m, err
+    step = int(m.group(1))
+    assert 1 <= step < 12
+    assert m.group(2) == str(out / "checkpoints" / f"step_{step:06d}") and checkpoints(out)[-1] == Path(m.group(2))
+    assert not list((out / "checkpoints").glob("*.partial")) and not (out / "adapter").exists()
+    assert max(r for r, _ in metrics_by_step(out)) == step
+    assert_resumes_as_uninterrupted(cfg_path, out, reference)
+
+
+def test_second_sigint_stops_at_once_leaving_whole_checkpoints(tmp_path, signal_run):
+    """A checkpoint every step, the second Ctrl-C just after the first, once step 1's checkpoint is
+    saved: it stops in step 2 or its save, every step_N folder left is whole, and the same command
+    again resumes from the newest and finishes."""
+    cfg_path, _ = signal_run
+    out = tmp_path / "out"
+    command = ("--save_every", "1", "--grad_accum", "200", "--max_steps", "4")  # ~0.5 s a step
+    proc = ft_main_process(cfg_path, out, *command)
+    wait_for_a_logged_step(proc, out)
+    while not checkpoints(out):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.01)
+    deliver(proc.pid, signal.SIGINT)
+    deliver(proc.pid, signal.SIGINT)
+    rc, _, err = finish(proc)
+    assert rc == 130
+    assert err.strip() == ("stopped at once on a second SIGINT: the checkpoints saved before are whole; run the same "
+                           "command again to resume from the last (resume = auto)"), err
+    for folder in checkpoints(out):
+        assert {"rank0.json", "rank0.safetensors", "adapter"} <= {p.name for p in folder.iterdir()}, folder
+        load_file(str(folder / "rank0.safetensors"))
+    newest = checkpoints(out)[-1]
+    rc, out_text, err = finish(ft_main_process(cfg_path, out, *command))
+    assert rc == 0 and f"resumed from {newest}" in out_text, err
+    assert max(r for r, _ in metrics_by_step(out)) == 4
+
+
+def test_interrupt_while_deleting_an_old_checkpoint_leaves_only_whole_ones(tmp_path, monkeypatch):
+    """A second Ctrl-C inside the deletion of a pruned checkpoint: the half-deleted folder no longer
+    has a checkpoint's name, so resume can't take it, and the next save clears it away."""
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    save = lambda step: finetune.state.save_state(tmp_path, step, 0, {"p": param}, optimizer, scheduler, None, 1)  # noqa: E731
+    save(1)
+    real_rmtree = shutil.rmtree
+
+    def interrupted_rmtree(path, *a, **k):
+        if Path(path).name.endswith(".discard") and Path(path).exists():
+            (Path(path) / "rank0.json").unlink()  # half deleted
+            raise KeyboardInterrupt
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(finetune.state.shutil, "rmtree", interrupted_rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        save(2)
+    monkeypatch.undo()
+    root = tmp_path / "checkpoints"
+    assert checkpoints(tmp_path) == [root / "step_000002"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_000001.discard", "step_000002"]
+    save(3)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000003"]
+
+
+def test_torchrun_ranks_stop_together_when_one_is_signalled(tmp_path, signal_run):
+    """SIGINT to rank 1 alone: both ranks stop after the same step and write its checkpoint."""
+    cfg_path, _ = signal_run
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "ft_main.py"), "--config", cfg_path, "--out_dir", str(out), *SIGNAL_RUN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agent = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_a_logged_step(agent, out)
+    workers = [int(pid) for pid in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()]
+    rank1 = [pid for pid in workers if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+    assert len(rank1) == 1, workers
+    deliver(rank1[0], signal.SIGINT)
+    rc, _, err = finish(agent)
+    assert rc != 0
+    m = re.search(r"interrupted by SIGINT at step (\d+): saved (\S+);", err)
+    assert m, err
+    step = int(m.group(1))
+    folder = out / "checkpoints" / f"step_{step:06d}"
+    assert checkpoints(out)[-1] == folder == Path(m.group(2))
+    assert [json.loads((folder / f"rank{r}.json").read_text())["step"] for r in (0, 1)] == [step, step]
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {folder}" in again.stdout
+
+
+# --- one rank failing under torchrun ----------------------------------------------------------------
+
+# Fault injection in a real torchrun run: Python imports sitecustomize from PYTHONPATH at start-up,
+# so rank 1 alone gets an optimizer whose third zero_grad raises, as an out-of-memory error would,
+# while rank 0 goes on into the next step's gradient all-reduce.
+FAIL_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import torch
+    calls = [0]
+    zero_grad = torch.optim.Optimizer.zero_grad
+    def failing(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected failure on rank 1 (out of memory)")
+        return zero_grad(self, *args, **kwargs)
+    torch.optim.Optimizer.zero_grad = failing
+"""
+
+
+def test_one_failing_rank_stops_every_rank_within_seconds(tmp_path, ckpt):
+    """Before, the failing rank waited in shutdown's barrier while rank 0 waited in an all-reduce:
+    both hung until gloo's 30-minute timeout. Now every rank is gone in seconds, and torchrun
+    names rank 1 as the root cause, with its message."""
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "inject"), str(ROOT)])}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "ft_main.py", "--ckpt_dir", ckpt, "--out_dir", tmp_path / "out", "--train_file", DEMO_TRAIN,
+                             "--eval_file", DEMO_EVAL, "--template", "plain", "--max_steps", "20", "--micro_batch_size",
+                             "2", "--exact_match_samples", "0", "--eval_every", "0", "--save_every", "0"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    elapsed = time.monotonic() - start
+    out = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "RuntimeError: injected failure on rank 1 (out of memory)" in out
+    root_cause = out[out.index("Root Cause"):]
+    assert "rank      : 1 (local_rank: 1)" in root_cause
+    assert elapsed < 60, f"took {elapsed:.0f} s"

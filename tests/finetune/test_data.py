@@ -263,7 +263,7 @@ def test_cutoff_drops_samples_whose_prompt_fills_it(tmp_path, tok, capsys):
     capsys.readouterr()
     kept, _ = load(tmp_path, rows, tok, template="plain", cutoff_len=p)  # nothing of the answer would be left
     assert [ex.ids for ex in kept] == [full[0].ids, full[2].ids]
-    assert "dropped 1 sample" in capsys.readouterr().err
+    assert f"dropped 1 of 3 rows: 1 too long for cutoff_len {p} (the prompt fills it" in capsys.readouterr().err
     kept, _ = load(tmp_path, rows, tok, template="plain", cutoff_len=p + 1)  # one answer token left
     assert [ex.ids for ex in kept] == [full[0].ids, full[1].ids[:p + 1], full[2].ids]
     assert kept[1].labels[p] == full[1].ids[p] != IGNORE
