@@ -10,12 +10,13 @@ import json
 from pathlib import Path
 
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from safetensors.torch import load_file
 
 from llama.distributed import model_parallel_rank, model_parallel_size
 from llama.errors import LlamaInputError
 from llama.files import atomic_write_bytes, save_safetensors
-from llama.formats import save_checkpoint
+from llama.formats import save_checkpoint, save_gathered_checkpoint
 from llama.layers import split_dim
 from llama.model import Transformer
 from llama.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter_config
@@ -63,7 +64,9 @@ def save_trained(task_model: TaskModel, cfg, out_dir, label_names=()) -> None:
             "base_model": cfg.ckpt_dir}
     if method.peft_type is None:
         model = task_model.transformer
-        if _is_writer(per_shard=True):
+        if isinstance(task_model, FSDPModule):  # every rank helps gather; rank 0 writes
+            save_gathered_checkpoint(model, out)
+        elif _is_writer(per_shard=True):
             save_checkpoint(model, out, rank=model_parallel_rank())
         if task_model.head is not None and _is_writer():
             save_safetensors({"score.weight": task_model.head.weight}, out / "score.safetensors")

@@ -28,6 +28,10 @@ class TrainConfig:
     quant_group_size: int = _key(128, "int4 on load: input features per scale (must divide every layer's input width); -1 per channel", "model")
     device: str = _key("", "cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu)", "model")
     devices: str = _key("", "spread layers over devices in one process: cuda:0,cuda:1 or auto", "model")
+    sharding: str = _key("ddp", "data parallelism under torchrun: ddp (each rank holds the model) or fsdp (torch's "
+                                "FSDP2: parameters, gradients and optimizer state split across ranks)", "model")
+    cpu_offload: bool = _key(False, "fsdp: keep the sharded parameters, gradients and optimizer state in host memory "
+                                    "(CPUOffloadPolicy)", "model")
     # [method]
     method: str = _key("lora", "lora, prompt (prompt tuning), full, or freeze (train only the last train_layers blocks)", "method")
     lora_r: int = _key(8, "LoRA rank", "method")
@@ -86,6 +90,7 @@ class TrainConfig:
             "precision": ("auto", "bf16", "fp16", "fp32"), "quant": ("none", "int4", "nf4"),
             "prompt_init": ("text", "vocab", "random"), "dtype": ("auto", "bfloat16", "float16", "float32"),
             "template": ("auto",) + TEMPLATES, "merge_format": ("hf", "pth", "gguf", "ours"),
+            "sharding": ("ddp", "fsdp"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -99,6 +104,16 @@ class TrainConfig:
             frozen = " or ".join(name for name, m in METHODS.items() if not m.trains_base)
             raise LlamaInputError(f"quant = {self.quant!r} keeps the base frozen: use method {frozen}, "
                                   f"not {self.method!r}")
+        if self.sharding == "fsdp":
+            refused = [f"method {self.method}" if self.method not in ("full", "freeze", "lora") else "",
+                       f"task {self.task}" if self.task not in ("sft", "pt") else "",
+                       f"quant {self.quant}" if self.quant != "none" else "", "devices" if self.devices else "",
+                       "merge (fold the adapter in afterwards: python -m llama.export --adapter)" if self.merge else ""]
+            if any(refused):
+                raise LlamaInputError(f"sharding = 'fsdp' takes methods full, freeze and lora on a float base for sft "
+                                      f"and pt, not {', '.join(r for r in refused if r)}")
+        elif self.cpu_offload:
+            raise LlamaInputError("cpu_offload needs sharding = 'fsdp'")
         if self.packing and (not method.packs or self.task not in ("sft", "pt")):
             unpacked = ", ".join(name for name, m in METHODS.items() if not m.packs)
             raise LlamaInputError(f"packing works for sft and pt, without method {unpacked}")

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from llama.generation import Llama
 from finetune.data import Example, collate
 from finetune.heads import TaskModel
+from finetune.sharding import gathered_root, is_sharded
 
 
 def all_reduce_sum(values: list[float], group=None, device="cpu") -> list[float]:
@@ -20,14 +21,21 @@ def all_reduce_sum(values: list[float], group=None, device="cpu") -> list[float]
 @torch.no_grad()
 def eval_metrics(task_model: TaskModel, items: list, batch_size: int, pad_id: int, device, autocast,
                  dp_rank: int, dp_size: int, dp_group) -> dict[str, float]:
-    """Mean loss over the eval items, each data-parallel rank taking every dp_size-th batch."""
+    """Mean loss over the eval items, each data-parallel rank taking every dp_size-th batch. An
+    FSDP-sharded model gathers each block's weights from every rank in its forward, so there every
+    rank runs the same number of forwards: one short of batches repeats its first, uncounted."""
     task_model.eval()
     loss_sum, count, correct = 0.0, 0.0, 0.0
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
-    for batch in batches[dp_rank::dp_size]:
-        b = {k: v.to(device) for k, v in collate(batch, pad_id, task_model.task).items()}
+    mine = batches[dp_rank::dp_size]
+    rounds = -(-len(batches) // dp_size) if is_sharded(task_model) else len(mine)
+    for i in range(rounds):
+        counted = i < len(mine)
+        b = {k: v.to(device) for k, v in collate(mine[i] if counted else batches[0], pad_id, task_model.task).items()}
         with autocast():
             loss, n, scores = task_model(**b)
+        if not counted:
+            continue
         loss_sum += loss.item()
         count += float(n)
         if task_model.task == "cls":
@@ -51,15 +59,16 @@ def exact_match(task_model: TaskModel, tokenizer, examples: list[Example], max_n
     model = task_model.model
     longest = max(len(ex.ids) for ex in examples) + max_new_tokens
     model.setup_caches(batch_size, longest)
-    generator = Llama(model, tokenizer, longest, batch_size)
+    generator = Llama(model, tokenizer, longest, batch_size, inference_mode=not is_sharded(task_model))
     hits = 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i:i + batch_size]
-        answers = generator.generate([ex.ids[:ex.prompt_len] for ex in chunk], max_new_tokens, temperature=0.0)
-        for ex, got in zip(chunk, answers):
-            rest = ex.ids[ex.prompt_len:]
-            want = rest[:next((j for j, t in enumerate(rest) if t in tokenizer.stop_ids), len(rest))]
-            hits += got == want
+    with gathered_root(task_model):  # generation calls the transformer, not the (FSDP root) task model
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            answers = generator.generate([ex.ids[:ex.prompt_len] for ex in chunk], max_new_tokens, temperature=0.0)
+            for ex, got in zip(chunk, answers):
+                rest = ex.ids[ex.prompt_len:]
+                want = rest[:next((j for j, t in enumerate(rest) if t in tokenizer.stop_ids), len(rest))]
+                hits += got == want
     model.clear_caches()
     task_model.train()
     return hits / len(examples)

@@ -27,7 +27,7 @@ Per device it prints the bytes of:
 Placements: single (one device; data-parallel copies each hold the same), layerwise (`devices`:
 contiguous layer ranges balanced by bytes with llama.placement.plan_stages, as the trainer places
 them), tp (tensor parallel: weights / N) and fsdp (full sharding: weights, gradients and optimizer
-state / N, plus the largest unit unsharded in flight; the trainer does not implement FSDP yet).
+state / N, plus the largest unit unsharded in flight: sharding = "fsdp"; cpu_offload is not modelled).
 """
 import argparse
 import importlib
@@ -143,7 +143,9 @@ def resolve(cfg: TrainConfig, args: ModelArgs, devices: Devices, placement: str,
     full = cfg.method == "full"
     lora = {m for m in BLOCK_LINEARS if m.rsplit(".", 1)[1] in resolve_targets(cfg.lora_targets)} \
         if cfg.method == "lora" else set()
-    if placement == "auto":  # as the trainer: layer-wise placement when `devices` names several
+    if placement == "auto" and cfg.sharding == "fsdp":
+        placement = "fsdp"
+    elif placement == "auto":  # as the trainer: layer-wise placement when `devices` names several
         listed = [d for d in cfg.devices.split(",") if d] if cfg.devices != "auto" else []
         several = len(listed) > 1 or (cfg.devices == "auto" and devices.count > 1)
         placement = "layerwise" if several else "single"
@@ -565,7 +567,7 @@ def suggestions(setup: Setup) -> list[str]:
         n = fewest_devices(setup, placement)
         if n and n > setup.devices.count or (n and placement != setup.placement):
             out.append(f"{n} x {setup.devices.capacity / GiB:g} GiB devices with placement {placement}"
-                       + (" (not implemented by the trainer yet)" if placement == "fsdp" else ""))
+                       + (" (sharding = \"fsdp\")" if placement == "fsdp" else ""))
     return out or ["nothing short of larger devices: even micro_batch_size 1 at cutoff_len 2 does not fit"]
 
 
@@ -599,8 +601,6 @@ def describe(setup: Setup) -> list[str]:
     if setup.devices.kind == "cuda":
         lines.append(f"overhead: CUDA context {CUDA_CONTEXT_BYTES / GiB:.1f} GiB + {FRAGMENTATION:.0%} allocator "
                      "fragmentation per GPU (assumed: see finetune/plan.py)")
-    if setup.placement == "fsdp":
-        lines.append("fsdp: the trainer does not implement FSDP yet; this is what full sharding would hold")
     if setup.placement == "single" and setup.devices.count > 1:
         lines.append(f"single: each of the {setup.devices.count} data-parallel processes holds all of this")
     return lines
@@ -648,8 +648,8 @@ def add_plan_flags(p) -> None:
     g.add_argument("--placement", metavar="HOW", default="auto",
                    help="single: one device (data-parallel copies each hold the same); layerwise: layer ranges over "
                         "the devices, as `devices` places them; tp: tensor parallel, weights / N; fsdp: full "
-                        "sharding (not implemented by the trainer yet); auto (default): layerwise when `devices` "
-                        "lists several, else single")
+                        "sharding (sharding = \"fsdp\"); auto (default): fsdp with sharding = \"fsdp\", layerwise "
+                        "when `devices` lists several, else single")
 
 
 def main(argv=None) -> int:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from safetensors.torch import load_file
 
 from llama.errors import LlamaInputError
@@ -21,10 +22,16 @@ from llama.files import atomic_write_bytes, fsync_dir, save_safetensors
 STEP_DIR = re.compile(r"step_(\d{6,})")
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: its shard of an FSDP-sharded DTensor, else the tensor."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def flatten(obj, tensors: dict, prefix: str):
-    """Nested dicts/lists with tensors -> a JSON-able skeleton; tensors move into `tensors`."""
+    """Nested dicts/lists with tensors -> a JSON-able skeleton; tensors (this rank's part of
+    sharded ones) move into `tensors`."""
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
+        tensors[prefix] = local(obj).detach().cpu().contiguous()
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
         return {"__dict__": [[flatten(k, tensors, f"{prefix}.k{i}"), flatten(v, tensors, f"{prefix}.{i}")]
@@ -89,7 +96,7 @@ def save_state(out_dir, step: int, rank: int, params: dict, optimizer, scheduler
         "scaler": flatten(scaler.state_dict(), tensors, "scaler") if scaler is not None else None,
         "rng": flatten(rng_state(), tensors, "rng"),
     }
-    save_safetensors({k: v.detach().cpu() for k, v in tensors.items()}, partial / f"rank{rank}.safetensors")
+    save_safetensors({k: local(v).detach().cpu() for k, v in tensors.items()}, partial / f"rank{rank}.safetensors")
     atomic_write_bytes(partial / f"rank{rank}.json", json.dumps(skeleton).encode())
     if write_extra is not None:
         write_extra(partial / "adapter")
@@ -130,11 +137,16 @@ def load_state(folder, rank: int, params: dict, optimizer, scheduler, scaler) ->
             if saved is None:
                 raise LlamaInputError(f"{folder}: has no {name}, which this run trains (saved with another method, "
                                       "lora_targets or task?)")
-            if saved.shape != p.shape:
+            if saved.shape != local(p).shape:
                 raise LlamaInputError(f"{folder}: {name} is {tuple(saved.shape)} in the checkpoint but "
-                                      f"{tuple(p.shape)} in this run")
-            p.copy_(saved)
+                                      f"{tuple(local(p).shape)} in this run")
+            local(p).copy_(saved)
     optimizer.load_state_dict(unflatten(skeleton["optimizer"], tensors))
+    for p, state in optimizer.state.items():  # each rank saved its shards of a sharded parameter's moments
+        if isinstance(p, DTensor):
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == local(p).shape:
+                    state[key] = DTensor.from_local(value, p.device_mesh, p.placements, run_check=False)
     scheduler.load_state_dict(skeleton["scheduler"])
     if scaler is not None and skeleton["scaler"] is not None:
         scaler.load_state_dict(unflatten(skeleton["scaler"], tensors))

@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import quant  # noqa: F401  (registers the int4 and NF4 bases and GPTQ folders with the loader)
@@ -44,6 +44,7 @@ from finetune.evaluate import all_reduce_sum, eval_metrics, exact_match
 from finetune.heads import TaskModel
 from finetune.methods import Method, get_method
 from finetune.plot import plot_losses
+from finetune.sharding import ddp, fsdp_task_model, gradient_sync, is_sharded
 from finetune.state import checkpoints, load_state, save_state
 from finetune.stopping import StopSignals, TrainingInterrupted
 
@@ -172,15 +173,24 @@ def setup(cfg: TrainConfig) -> Run:
     rows = pack(train_items, cfg.cutoff_len) if cfg.packing else train_items
 
     dtype = base_dtype(cfg.dtype, (devices or [device])[0])
-    model = load_model(cfg.ckpt_dir, args, dtype, device, model_parallel_rank(), tp,
-                       quant=cfg.quant, group_size=cfg.quant_group_size)
-    if devices:
-        place_layers(model, devices, device_shares(devices))
-        device = devices[0]
-    model.checkpoint_layers = cfg.grad_checkpointing
-
-    torch.manual_seed(cfg.seed)  # the same adapter init on every rank
-    task_model = attach(model, cfg, tokenizer, num_labels=len(label_names)).train()
+    fsdp = cfg.sharding == "fsdp" and world > 1
+    if fsdp:
+        if cfg.cpu_offload and not on_gpu(device):
+            raise LlamaInputError("cpu_offload moves FSDP's shards off the GPU; this run is on the CPU already")
+        if tp > 1:
+            raise LlamaInputError(f"{cfg.ckpt_dir}: {shards} tensor-parallel shards; sharding = 'fsdp' reads one "
+                                  f"whole checkpoint (merge it with split_model.py --n 1)")
+        task_model = fsdp_task_model(cfg, args, tokenizer, dtype, device, amp_dtype(cfg, device))
+    else:
+        model = load_model(cfg.ckpt_dir, args, dtype, device, model_parallel_rank(), tp,
+                           quant=cfg.quant, group_size=cfg.quant_group_size)
+        if devices:
+            place_layers(model, devices, device_shares(devices))
+            device = devices[0]
+        torch.manual_seed(cfg.seed)  # the same adapter init on every rank
+        task_model = attach(model, cfg, tokenizer, num_labels=len(label_names))
+    task_model.transformer.checkpoint_layers = cfg.grad_checkpointing
+    task_model.train()
     torch.manual_seed(cfg.seed + dp_rank)  # dropout: same on tensor-parallel peers, fresh per data shard
 
     global_batch = cfg.micro_batch_size * dp
@@ -194,7 +204,8 @@ def setup(cfg: TrainConfig) -> Run:
     setup_optimizer(run)
     resume(run)
     run.say(f"training {sum(p.numel() for p in run.named.values()):,} parameters ({cfg.method}, {cfg.task}) on "
-            f"{world} process(es): tensor-parallel {tp} x data-parallel {dp}; {len(rows)} rows, {total_steps} steps")
+            f"{world} process(es): tensor-parallel {tp} x data-parallel {dp}{' (fsdp)' if is_sharded(task_model) else ''}; "
+            f"{len(rows)} rows, {total_steps} steps")
     run.match_set = eval_items[: cfg.exact_match_samples] if cfg.task == "sft" else []
     return run
 
@@ -228,15 +239,15 @@ def setup_optimizer(run: Run) -> None:
     run.optimizer = make_optimizer(list(run.named.values()), cfg)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(
         run.optimizer, lambda s: lr_factor(s, warmup, run.total_steps, cfg.min_lr_ratio))
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu(run.device) else "fp32")
-    run.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    run.scaler = torch.amp.GradScaler(torch.device(run.device).type) if precision == "fp16" else None
-    run.wrapped = task_model
-    if run.dp > 1:  # the frozen base is identical everywhere: don't make DDP broadcast it (int4 weights are buffers)
-        frozen = [n for n, p in task_model.named_parameters() if not p.requires_grad]
-        frozen += [n for n, _ in task_model.named_buffers()]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(task_model, frozen)
-        run.wrapped = DistributedDataParallel(task_model, process_group=run.dp_group)
+    run.amp_dtype = amp_dtype(cfg, run.device)
+    run.scaler = torch.amp.GradScaler(torch.device(run.device).type) if run.amp_dtype == torch.float16 else None
+    run.wrapped = task_model if run.dp == 1 or is_sharded(task_model) else ddp(task_model, run.dp_group)
+
+
+def amp_dtype(cfg: TrainConfig, device) -> Optional[torch.dtype]:
+    """The autocast dtype of `precision` (auto: bf16 on GPU, none on CPU)."""
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu(device) else "fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
 def resume(run: Run) -> None:
@@ -286,11 +297,10 @@ def train_step(run: Run, step: int) -> dict:
     for i, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         last = i == len(batches) - 1
-        sync = contextlib.nullcontext() if last or run.dp == 1 else run.wrapped.no_sync()
-        with sync:
+        with gradient_sync(run.wrapped, last or run.dp == 1):
             with run.autocast():
                 loss, _, _ = run.wrapped(**batch)
-            # DDP averages gradients over ranks; undo that so the step's loss is a plain mean
+            # DDP and FSDP average gradients over ranks; undo that so the step's loss is a plain mean
             scaled = loss * (run.dp / max(step_count, 1.0))
             (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         loss_sum += loss.item()
@@ -449,7 +459,8 @@ def _barrier() -> None:
 def make_optimizer(params: list, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW, fused (one kernel over all tensors) where every parameter is a float32 tensor on the
     CPU or a GPU: on bench-58M full fine-tuning its step took a fraction of the foreach one's."""
-    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in params)
+    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") and not isinstance(p, DTensor)
+                for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                              weight_decay=cfg.weight_decay, fused=fused)
 
@@ -479,13 +490,18 @@ def clip_grad_norm(params: list, max_norm: float) -> float:
     if not grads:
         return 0.0
     device = grads[0].grad.device
-    split = sum((p.grad.float().pow(2).sum().to(device) for p in grads if hasattr(p, "tp_split_dim")), torch.zeros((), device=device))
-    whole = sum((p.grad.float().pow(2).sum().to(device) for p in grads if not hasattr(p, "tp_split_dim")), torch.zeros((), device=device))
+    squares = {kind: torch.zeros((), device=device) for kind in ("tp", "fsdp", "whole")}
+    for p in grads:
+        kind = "fsdp" if isinstance(p.grad, DTensor) else "tp" if hasattr(p, "tp_split_dim") else "whole"
+        g = p.grad.to_local() if kind == "fsdp" else p.grad
+        squares[kind] += g.float().pow(2).sum().to(device)
     if dist.is_initialized() and any(hasattr(p, "tp_split_dim") for p in grads):
         from fairscale.nn.model_parallel.initialize import get_model_parallel_group
 
-        dist.all_reduce(split, group=get_model_parallel_group())
-    norm = float((split + whole).sqrt())
+        dist.all_reduce(squares["tp"], group=get_model_parallel_group())
+    if any(isinstance(p.grad, DTensor) for p in grads):  # FSDP: each rank holds a disjoint shard of every gradient
+        dist.all_reduce(squares["fsdp"])
+    norm = float(sum(squares.values()).sqrt())
     if max_norm > 0 and norm > max_norm:
         for p in grads:
             p.grad.mul_(max_norm / (norm + 1e-6))

@@ -1,4 +1,5 @@
 """Llama.build and batched text/chat completion with left padding and a KV cache."""
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -43,12 +44,24 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: Option
     return order.gather(-1, choice).squeeze(-1)
 
 
+def _without_grad(method: Callable) -> Callable:
+    """Run a Llama method under torch.inference_mode, or no_grad (see Llama's inference_mode)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with torch.inference_mode() if self.inference_mode else torch.no_grad():
+            return method(self, *args, **kwargs)
+    return run
+
+
 class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int, seed: int = 1,
-                 compile: bool = False):
+                 compile: bool = False, inference_mode: bool = True):
         """compile: run the one-token decode steps through torch.compile (the prompt stays eager).
         Compiling takes 15-50 s (2 CPU cores) at the first generate; each token after it skips
-        most of the ~1,000 small-op dispatches of an eager step (bench/decode.py)."""
+        most of the ~1,000 small-op dispatches of an eager step (bench/decode.py).
+        inference_mode False: generate under no_grad instead, for a model in training whose
+        weights are gathered into buffers the training step reuses (FSDP): tensors made in
+        inference mode cannot be written outside it."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
@@ -56,6 +69,7 @@ class Llama:
         # every rank draws the same samples from the same (gathered) logits
         self.generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
         self.compile = compile
+        self.inference_mode = inference_mode
         self._compiled: Optional[tuple] = None  # (model, its compiled form): the model may be swapped for an adapter's
 
     def decode_step(self) -> Callable:
@@ -98,7 +112,7 @@ class Llama:
         model.setup_caches(max_batch_size, max_seq_len)
         return Llama(model, tokenizer, max_seq_len, max_batch_size, seed, compile)
 
-    @torch.inference_mode()
+    @_without_grad
     def generate(
         self,
         prompt_tokens: list[list[int]],

@@ -87,7 +87,8 @@ class Attention(nn.Module):
             end = start_pos + seqlen
             self.cache_k[:bsz, :, start_pos:end] = k
             self.cache_v[:bsz, :, start_pos:end] = v
-            k, v = self.cache_k[:bsz, :, :end], self.cache_v[:bsz, :, :end]
+            # as q: the cache takes the weights' dtype, which FSDP's mixed precision computes below
+            k, v = self.cache_k[:bsz, :, :end].to(q.dtype), self.cache_v[:bsz, :, :end].to(q.dtype)
         # seqlen first: a compiled decode step (one token) then never tests its dynamic start_pos
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=seqlen > 1 and mask is None and start_pos == 0,

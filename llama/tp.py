@@ -4,6 +4,7 @@ layers split the same way (LoRA, int4, NF4) wrap around their own products."""
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from llama.cpu_linear import Linear
 from llama.distributed import model_parallel_rank, model_parallel_size
@@ -115,7 +116,10 @@ def parallel_forward(kind, x: torch.Tensor, local=None) -> torch.Tensor:
 
 
 def gather_split(t: torch.Tensor, dim) -> torch.Tensor:
-    """This rank's slice -> the whole tensor (all ranks of the tensor-parallel group call it)."""
+    """This rank's slice -> the whole tensor (all ranks of the tensor-parallel group call it; of
+    every rank, for an FSDP-sharded DTensor)."""
+    if isinstance(t, DTensor):
+        return t.full_tensor()
     if dim is None or model_parallel_size() == 1:
         return t
     from fairscale.nn.model_parallel.initialize import get_model_parallel_group

@@ -7,7 +7,7 @@ from llama.formats.base import (
 )
 from llama.formats.hf import HF, hf_weight_files, iter_hf_names, quantization_config
 from llama.formats.meta import META
-from llama.formats.ours import OURS, save_checkpoint
+from llama.formats.ours import OURS, save_checkpoint, save_gathered_checkpoint
 
 for _fmt in (HF, OURS, META):
     register_format(_fmt)
@@ -15,5 +15,5 @@ for _fmt in (HF, OURS, META):
 __all__ = [
     "Checkpoint", "Format", "Part", "TensorEntry", "check_shard_count", "detect_format", "n_shards",
     "open_checkpoint", "read_model_args", "register_format", "hf_weight_files", "iter_hf_names",
-    "quantization_config", "save_checkpoint", "HF", "META", "OURS",
+    "quantization_config", "save_checkpoint", "save_gathered_checkpoint", "HF", "META", "OURS",
 ]
