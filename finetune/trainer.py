@@ -259,7 +259,8 @@ def resume(run: Run) -> None:
         base = trained_base(found[-1])
         other_base = base is not None and Path(base).resolve() != Path(cfg.ckpt_dir).resolve()
         try:
-            run.start = load_state(found[-1], run.rank, run.named, run.optimizer, run.scheduler, run.scaler)
+            run.start = load_state(found[-1], run.rank, run.named, run.optimizer, run.scheduler, run.scaler,
+                                   sharded=run.task_model if is_sharded(run.task_model) else None)
         except LlamaInputError as e:
             if other_base:  # the likely cause, in the user's terms
                 raise LlamaInputError(f"{e}; it was trained on base {base}, not ckpt_dir {cfg.ckpt_dir}") from None
@@ -356,7 +357,8 @@ def save(run: Run, done: int) -> None:
     cfg = run.cfg
     try:
         folder = save_state(run.out_dir, done, run.rank, run.named, run.optimizer, run.scheduler, run.scaler,
-                            cfg.keep_last, lambda f: save_trained(run.task_model, cfg, f, run.label_names))
+                            cfg.keep_last, lambda f: save_trained(run.task_model, cfg, f, run.label_names),
+                            sharded=run.task_model if is_sharded(run.task_model) else None)
     except OSError as e:
         last_good = checkpoints(run.out_dir)
         kept = f"{last_good[-1]} is the last whole checkpoint" if last_good else "no checkpoint was saved before"

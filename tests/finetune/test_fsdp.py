@@ -4,13 +4,17 @@ with the same global batch: the step losses, gradient norms and eval losses agre
 whole (gathered one tensor at a time) equal one process's, and a run resumed from its sharded
 checkpoint continues exactly. The gradients themselves are compared in test_fsdp_gradients_*:
 FSDP2 averages them with ReduceOp.AVG, which gloo has been reported to sum (pytorch issue 162338)."""
+import os
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
+from llama.errors import LlamaInputError
 from tests.finetune.test_torchrun import COMMON, adapter, assert_same_run, write_ckpt
 from tests.utils import ROOT, assert_same_tensors, metrics_by_step as metrics, one_process, tiny_args, torchrun
 
@@ -50,9 +54,40 @@ def test_fsdp_run_resumes_identically(ckpt, tmp_path):
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     torchrun(COMMON, ckpt, whole, **kw)
     step3 = whole / "checkpoints" / "step_000003"
+    assert (step3 / "sharded" / ".metadata").is_file()  # torch.distributed.checkpoint's, each rank its shards
     result = torchrun(COMMON, ckpt, resumed, resume=str(step3), **kw)
     assert f"resumed from {step3} at step 3" in result.stdout
     assert_same_run(resumed, whole, tol=1e-6, steps={4, 5, 6})
+    with pytest.raises(LlamaInputError, match="resume it with sharding = 'fsdp'"):
+        one_process(COMMON, ckpt, tmp_path / "one", **{**kw, "sharding": "ddp", "resume": str(step3)})
+
+
+def test_fsdp_run_killed_at_any_moment_resumes_identically(ckpt, tmp_path):
+    """SIGKILL to every process of a 2-rank FSDP run at a seeded moment after its second
+    checkpoint (mid-step or mid-save); the same command again resumes from the last whole
+    checkpoint and logs what an uninterrupted run logs."""
+    kw = dict(method="full", lr=2e-3, micro_batch_size=2, save_every=1, keep_last=2, eval_every=0, sharding="fsdp",
+              max_steps=12)
+    values = {**COMMON, "ckpt_dir": str(ckpt), "out_dir": str(tmp_path / "killed"), **kw}
+    flags = [x for k, v in values.items() for x in (f"--{k}", ",".join(map(str, v)) if isinstance(v, list) else str(v))]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "ft_main.py"]
+    proc = subprocess.Popen(command + flags, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "killed" / "checkpoints" / "step_000002").is_dir():
+            assert proc.poll() is None and time.time() < deadline, "no step 2 checkpoint"
+            time.sleep(0.01)
+        time.sleep(random.Random(7).uniform(0.0, 0.5))
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
+    finally:
+        proc.wait()
+    assert not (tmp_path / "killed" / "model").exists(), "the run finished before it was killed"
+    again = torchrun(COMMON, ckpt, tmp_path / "killed", **kw)
+    assert "resumed from" in again.stdout and " at step 0" not in again.stdout
+    torchrun(COMMON, ckpt, tmp_path / "whole", **kw)
+    assert_same_run(tmp_path / "killed", tmp_path / "whole", tol=1e-6)
+    assert not list((tmp_path / "killed" / "checkpoints").glob("*.partial"))
 
 
 GRADIENTS = """
@@ -87,7 +122,7 @@ def test_fsdp_gradients_are_the_average_over_ranks_on_gloo(tmp_path):
     script.write_text(GRADIENTS)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              script], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
     worst = float(result.stdout.split("worst relative gradient difference ")[1].split()[0])
     assert worst < 1e-5
@@ -115,7 +150,6 @@ def test_fsdp_bf16_mixed_precision_and_exact_match(ckpt, tmp_path):
 ])
 def test_fsdp_refuses_what_it_cannot_do(ckpt, tmp_path, kw, says):
     from finetune.config import TrainConfig
-    from llama.errors import LlamaInputError
 
     with pytest.raises(LlamaInputError, match=says.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig(**{**COMMON, "ckpt_dir": str(ckpt), "out_dir": str(tmp_path), "sharding": "fsdp", **kw}).check()
