@@ -110,7 +110,8 @@ loss(whole, slice(0, 4)).backward()  # the whole batch
 worst = max((p.grad.full_tensor() - q.grad).abs().max().item() / q.grad.abs().max().item()
             for p, q in zip(sharded.parameters(), whole.parameters()))
 if rank == 0:
-    print(f"worst relative gradient difference {worst:.3g}")
+    print(f"worst relative gradient difference {worst:.3g}", flush=True)
+dist.barrier()  # leave together: gloo aborts a process whose peer tears down mid-collective
 dist.destroy_process_group()
 """
 
