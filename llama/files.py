@@ -1,8 +1,10 @@
 """Atomic file writes: a temp file (or folder) beside the target, fsync, then rename, so a kill at
 any moment leaves either the old file or the new one under the final name, never a partial one."""
 import contextlib
+import glob
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -15,7 +17,7 @@ def atomic_path(path):
     """Yield a temp path in the target's folder; on success fsync it and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -36,7 +38,7 @@ def atomic_folder(path):
     `path` (which must not exist, or be an empty folder); on any failure remove it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(path), dir=path.parent))
     try:
         yield tmp
         for f in tmp.rglob("*"):
@@ -51,6 +53,33 @@ def atomic_folder(path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(path.parent)
+
+
+def temp_prefix(path: Path) -> str:
+    """The name prefix of this process's temp files for `path`: hidden, with the host and pid of
+    the writer. A writer killed outright (SIGKILL, power loss) leaves its temp behind; the next
+    write of the same path removes those whose process no longer runs on this host (a shared
+    filesystem's other hosts keep theirs: their pids mean nothing here)."""
+    host = socket.gethostname().replace(".", "_")
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.{glob.escape(host)}-*-.*"):
+        pid = stale.name[len(path.name) + len(host) + 3:].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    stale.unlink()
+    return f".{path.name}.{host}-{os.getpid()}-."
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def check_parent(path, option: str = "--out") -> None:

@@ -475,3 +475,4 @@ def test_export_killed_or_interrupted_while_writing(good_ours, tmp_path, fmt, ho
     else:
         assert result.returncode == -9
     assert export_main([str(a) for a in argv]) == 0 and out.exists()
+    assert list(tmp_path.iterdir()) == [out]  # the killed writer's temp is gone with the re-run
