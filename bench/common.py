@@ -1,11 +1,14 @@
 """What the benchmarks share: the bench-58M workload, timing, fresh measuring processes, the GPU's
 measured ceilings, and the row appended to bench/results.jsonl."""
+import contextlib
 import json
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -92,6 +95,51 @@ def run_measured(cmd: list[str]) -> tuple[float, float, int]:
     report = subprocess.run([sys.executable, "-c", WALL_LAUNCHER, *cmd], cwd=ROOT, capture_output=True, text=True, check=True)
     r = json.loads(report.stdout)
     return r["wall"], r["maxrss_kib"] / 1024, r["rc"]  # ru_maxrss is in KiB on Linux
+
+
+def add_source_args(p) -> None:
+    """The options of the benchmarks that run a command on a large random checkpoint
+    (write_random_checkpoint): its size and shape, the runs, and where it lives."""
+    p.add_argument("--gb", type=float, default=1.1, help="source checkpoint size in GB (default 1.1)")
+    p.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported (default 3)")
+    p.add_argument("--dim", type=int, default=2048, help="model width (default 2048)")
+    p.add_argument("--n_heads", type=int, default=16, help="attention heads (default 16)")
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary (default 32000)")
+    p.add_argument("--workdir", help="where to put the checkpoints (default: a temp folder, removed after)")
+
+
+@contextlib.contextmanager
+def random_source(a, prefix: str, write_extra=None):
+    """Yield (work folder, source checkpoint) for add_source_args' options `a`: the checkpoint is
+    generated on first use (write_extra(src) adds files beside it); a temp work folder is removed
+    after."""
+    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        src = work / "src"
+        if not (src / "params.json").is_file():
+            print(f"generating a {a.gb} GB random checkpoint in {src} ...", flush=True)
+            write_random_checkpoint(src, a.gb, a.dim, a.n_heads, a.vocab)
+            if write_extra is not None:
+                write_extra(src)
+        yield work, src
+    finally:
+        if not a.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measured_runs(cmd: list[str], runs: int, out: Path, label: str) -> tuple[list[float], list[float]]:
+    """(wall seconds, peak RSS MiB) of `runs` fresh runs of cmd (run_measured), removing its
+    output `out` (a file or folder) before each; stops with the command line if one fails."""
+    walls, rss = [], []
+    for i in range(runs):
+        shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
+        wall, peak, rc = run_measured(cmd)
+        if rc != 0:
+            sys.exit(f"{label} failed with exit code {rc}: {' '.join(cmd)}")
+        walls.append(wall)
+        rss.append(peak)
+        print(f"{label} run {i + 1}: {wall:.2f} s, peak RSS {peak:.0f} MiB", flush=True)
+    return walls, rss
 
 
 def hf_config(shape: dict = BENCH_58M):

@@ -15,14 +15,12 @@ import argparse
 import json
 import os
 import random
-import shutil
 import statistics
 import string
 import sys
-import tempfile
 from pathlib import Path
 
-from common import append_row, run_measured, write_random_checkpoint
+from common import add_source_args, append_row, measured_runs, random_source, run_measured
 
 
 def write_tokenizer(path: Path, vocab_size: int) -> None:
@@ -36,23 +34,12 @@ def write_tokenizer(path: Path, vocab_size: int) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gb", type=float, default=1.1, help="source checkpoint size in GB (default 1.1)")
+    add_source_args(p)
     p.add_argument("--formats", default="hf:auto,gguf:f16,gguf:q8_0,pth:auto",
                    help="comma-separated format:outtype pairs (default hf:auto,gguf:f16,gguf:q8_0,pth:auto)")
-    p.add_argument("--runs", type=int, default=3, help="runs per format; the median is reported (default 3)")
-    p.add_argument("--dim", type=int, default=2048, help="model width (default 2048)")
-    p.add_argument("--n_heads", type=int, default=16, help="attention heads (default 16)")
-    p.add_argument("--vocab", type=int, default=32000, help="vocabulary (default 32000)")
-    p.add_argument("--workdir", help="where to put the checkpoints (default: a temp folder, removed after)")
     a = p.parse_args(argv)
 
-    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench_export_"))
-    try:
-        src = work / "src"
-        if not (src / "params.json").is_file():
-            print(f"generating a {a.gb} GB random checkpoint in {src} ...", flush=True)
-            write_random_checkpoint(src, a.gb, a.dim, a.n_heads, a.vocab)
-            write_tokenizer(src / "tokenizer.model", a.vocab)
+    with random_source(a, "bench_export_", lambda src: write_tokenizer(src / "tokenizer.model", a.vocab)) as (work, src):
         params = json.loads((src / "params.json").read_text())
         src_bytes = (src / "consolidated.00.safetensors").stat().st_size
         largest = 2 * a.vocab * a.dim  # the embedding (and output) in bf16
@@ -63,15 +50,7 @@ def main(argv=None) -> None:
             out = work / ("out.gguf" if fmt == "gguf" else "out")
             cmd = [sys.executable, "-m", "llama.export", "--ckpt_dir", str(src), "--format", fmt, "--out", str(out),
                    "--outtype", outtype, "--quiet"]
-            walls, rss = [], []
-            for i in range(a.runs):
-                shutil.rmtree(out, ignore_errors=True) if out.is_dir() else out.unlink(missing_ok=True)
-                wall, peak, rc = run_measured(cmd)
-                if rc != 0:
-                    sys.exit(f"export failed with exit code {rc}: {' '.join(cmd)}")
-                walls.append(wall)
-                rss.append(peak)
-                print(f"{fmt} {outtype} run {i + 1}: {wall:.2f} s, peak RSS {peak:.0f} MiB", flush=True)
+            walls, rss = measured_runs(cmd, a.runs, out, f"export {fmt} {outtype}")
             out_bytes = out.stat().st_size if out.is_file() else sum(f.stat().st_size for f in out.rglob("*"))
             above = statistics.median(rss) - baseline
             row = append_row("export", {
@@ -94,9 +73,6 @@ def main(argv=None) -> None:
                   f"{r['peak_rss_mib_median'] - baseline:>15.0f} {r['above_baseline_over_largest_tensor']:>16.2f} "
                   f"{r['output_bytes'] / 2**20:>11.0f} {r['above_baseline_over_output']:>8.3f}")
         print(f"medians of {a.runs} runs; appended to bench/results.jsonl")
-    finally:
-        if not a.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

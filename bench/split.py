@@ -11,41 +11,23 @@ JSON row to bench/results.jsonl.
 """
 import argparse
 import json
-import os
-import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-import torch
-
-from common import RESULTS, ROOT, run_measured, write_random_checkpoint
+from common import RESULTS, ROOT, add_source_args, append_row, measured_runs, random_source, run_measured
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gb", type=float, default=1.1, help="source checkpoint size in GB (default 1.1)")
+    add_source_args(p)
     p.add_argument("--n", type=int, default=4, help="shards to split into (default 4)")
     p.add_argument("--format", choices=["safetensors", "pth"], default="safetensors", help="output format")
     p.add_argument("--source", choices=["safetensors", "pth"], default="safetensors",
                    help="source format: ours (safetensors, default) or Meta .pth (converted from it first)")
-    p.add_argument("--runs", type=int, default=3, help="timed runs; the median is reported (default 3)")
-    p.add_argument("--dim", type=int, default=2048, help="model width (default 2048)")
-    p.add_argument("--n_heads", type=int, default=16, help="attention heads (default 16)")
-    p.add_argument("--vocab", type=int, default=32000, help="vocabulary (default 32000)")
-    p.add_argument("--workdir", help="where to put the checkpoints (default: a temp folder, removed after)")
     a = p.parse_args(argv)
 
-    work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="bench_split_"))
-    try:
-        src = work / "src"
-        if not (src / "params.json").is_file():
-            print(f"generating a {a.gb} GB random checkpoint in {src} ...", flush=True)
-            write_random_checkpoint(src, a.gb, a.dim, a.n_heads, a.vocab)
+    with random_source(a, "bench_split_") as (work, src):
         if a.source == "pth":
             pth = work / "src_pth"
             if not (pth / "params.json").is_file():
@@ -57,21 +39,11 @@ def main(argv=None) -> None:
         out = work / "out"
         cmd = [sys.executable, "split_model.py", "--n", str(a.n), "--ckpt_dir", str(src), "--out", str(out),
                "--format", a.format, "--quiet"]
-        walls, rss = [], []
-        for i in range(a.runs):
-            shutil.rmtree(out, ignore_errors=True)
-            wall, peak, rc = run_measured(cmd)
-            if rc != 0:
-                sys.exit(f"split_model.py failed with exit code {rc}: {' '.join(cmd)}")
-            walls.append(wall)
-            rss.append(peak)
-            print(f"run {i + 1}: {wall:.2f} s, peak RSS {peak:.0f} MiB", flush=True)
+        walls, rss = measured_runs(cmd, a.runs, out, "split_model.py")
         # what the split process holds before touching a tensor: the interpreter, torch, our modules
         _, baseline, _ = run_measured([sys.executable, "-c", "import torch, llama.formats, split.reshard"])
         largest = max(f.stat().st_size for f in out.glob("consolidated.*"))
-        row = {
-            "bench": "split", "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+        row = append_row("split", {
             "source_format": a.source, "source_bytes": src_bytes, "dtype": "bfloat16", "params": params,
             "n": a.n, "format": a.format, "runs": a.runs,
             "wall_s_median": round(statistics.median(walls), 3), "wall_s": [round(w, 3) for w in walls],
@@ -81,10 +53,7 @@ def main(argv=None) -> None:
             "rss_over_largest_output": round(statistics.median(rss) * 2**20 / largest, 3),
             "throughput_gb_s": round(src_bytes / 1e9 / statistics.median(walls), 3),
             "page_cache": "warm (source just written)",
-            "cmd": " ".join(["python"] + cmd[1:]),
-        }
-        with open(RESULTS, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        }, "bench/split.py")
         print()
         print(f"{'source':>16} {'n':>3} {'format':>12} {'wall s (median)':>16} {'peak RSS MiB':>13} {'import-only MiB':>16} "
               f"{'largest out MiB':>16} {'RSS/largest':>12} {'GB/s':>6}")
@@ -92,9 +61,6 @@ def main(argv=None) -> None:
               f"{row['peak_rss_mib_median']:>13.0f} {baseline:>16.0f} {largest / 2**20:>16.0f} "
               f"{row['rss_over_largest_output']:>12.2f} {row['throughput_gb_s']:>6.2f}")
         print(f"appended to {RESULTS.relative_to(ROOT)}")
-    finally:
-        if not a.workdir:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
