@@ -173,7 +173,7 @@ def setup(cfg: TrainConfig) -> Run:
     rows = pack(train_items, cfg.cutoff_len) if cfg.packing else train_items
 
     dtype = base_dtype(cfg.dtype, (devices or [device])[0])
-    fsdp = cfg.sharding == "fsdp" and world > 1
+    fsdp = cfg.sharding == "fsdp" and dist.is_initialized()  # under torchrun, one process included
     if fsdp:
         if cfg.cpu_offload and not on_gpu(device):
             raise LlamaInputError("cpu_offload moves FSDP's shards off the GPU; this run is on the CPU already")
