@@ -1,0 +1,93 @@
+"""bench/gpu_check.py without a GPU: its CPU smoke run (every check that can run on a CPU, tiny
+configurations, each in its own subprocess) passes and writes the versions line, one line per
+check and the table; and a check's outcome (ok, failed with its last line, out of memory with the
+size it was at, skipped with why) is recorded as such."""
+import json
+import sys
+
+import pytest
+import torch
+
+from tests.utils import ROOT, run
+
+sys.path.insert(0, str(ROOT / "bench"))
+import gpu_check  # noqa: E402
+
+CPU_CHECKS = [name for name, (_, cpu, _) in gpu_check.CHECKS.items() if cpu]
+GPU_ONLY = [name for name, (_, cpu, _) in gpu_check.CHECKS.items() if not cpu]
+
+
+def test_cpu_smoke_run(tmp_path):
+    """`--quick --cpu`: the CPU subset, each check ok (a failing one fails this test), the GPU
+    ones skipped as needing CUDA, exit 0; checks.jsonl's first line says what it ran on."""
+    assert {"int4_correct", "train_lora", "inference", "placement"} <= set(CPU_CHECKS)
+    assert {"int4_speed", "torchrun_nccl", "train_nf4_1b"} <= set(GPU_ONLY)
+    result = run([sys.executable, "bench/gpu_check.py", "--quick", "--cpu", "--out", tmp_path], timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.splitlines()[0].endswith(": running the CPU subset on tiny configurations")
+    lines = [json.loads(ln) for ln in (tmp_path / "checks.jsonl").read_text().splitlines()]
+    v = lines[0]["versions"]
+    assert v["torch"] == torch.__version__ and v["cpu_subset"] and v["quick"]
+    assert {"python", "cuda", "triton", "bitsandbytes", "fairscale", "gpu", "date"} <= set(v)
+    status = {r["check"]: r for r in lines[1:]}
+    assert list(status) == list(gpu_check.CHECKS)
+    for name in CPU_CHECKS:
+        assert status[name]["status"] == "ok", status[name]
+        assert status[name]["seconds"] > 0
+    for name in GPU_ONLY:
+        assert status[name]["status"] == "skipped" and status[name]["error"] == "needs CUDA"
+    r = status["int4_correct"]["result"]
+    assert r["paths"] == ["reference", "dequant", "cpu_int4"] and r["cases"] > 40 and not r["failures"]
+    assert status["inference"]["result"]["batch8_equals_batch1"] is True
+    assert status["train_lora"]["result"]["bf16"]["max_rel_diff"] <= gpu_check.LOSS_TOL["bf16"]
+    table = (tmp_path / "table.txt").read_text()
+    assert all(f"| {name} |" in table for name in gpu_check.CHECKS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checks.jsonl", "log.txt", "table.txt"]  # <= 8 files back
+
+
+def child(monkeypatch, capsys, tmp_path, fn) -> dict:
+    """run_child on a stand-in check; its result line."""
+    monkeypatch.setitem(gpu_check.CHECKS, "fake", (fn, True, (10, 10)))
+    args = gpu_check.argparse.Namespace(only="fake", quick=True, cpu=True, work=str(tmp_path), out=str(tmp_path))
+    assert gpu_check.run_child(args) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(gpu_check.RESULT)
+    return json.loads(last[len(gpu_check.RESULT):])
+
+
+def test_outcomes_are_recorded(monkeypatch, capsys, tmp_path):
+    def oom(ctx):
+        ctx.at("7B bf16 build")
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 13.50 GiB")
+
+    def crash(ctx):
+        raise RuntimeError("first line\nthe last line says most")
+
+    def unmet(ctx):
+        raise gpu_check.CheckFailed("claim not met: 2.1x < 3x", {"ratio": 2.1})
+
+    def skip(ctx):
+        raise gpu_check.Skip("bitsandbytes not installed")
+
+    r = child(monkeypatch, capsys, tmp_path, oom)
+    assert r["status"] == "oom" and r["size"] == "7B bf16 build" and "13.50 GiB" in r["error"]
+    r = child(monkeypatch, capsys, tmp_path, crash)
+    assert r["status"] == "failed" and r["error"] == "RuntimeError: the last line says most"
+    r = child(monkeypatch, capsys, tmp_path, unmet)
+    assert r["status"] == "failed" and r["error"] == "claim not met: 2.1x < 3x" and r["result"] == {"ratio": 2.1}
+    r = child(monkeypatch, capsys, tmp_path, skip)
+    assert r["status"] == "skipped" and r["error"] == "bitsandbytes not installed"
+    r = child(monkeypatch, capsys, tmp_path, lambda ctx: {"figure": 1})
+    assert r == {"check": "fake", "status": "ok", "result": {"figure": 1}}
+
+
+def test_table_says_what_failed_and_where():
+    records = [{"versions": {"quick": False, "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "cuda": "13.0",
+                             "triton": "3.6.0", "bitsandbytes": None, "fairscale": "0.4.13", "python": "3.12.3",
+                             "date": "D"}},
+               {"check": "memory_7b", "status": "oom", "size": "7B bf16 build", "error": "CUDA out of memory", "seconds": 3.0},
+               {"check": "train_nf4_1b", "status": "skipped", "error": "bitsandbytes not installed", "seconds": 0.5}]
+    table = gpu_check.format_table(records, 10.0)
+    assert table.splitlines()[0].startswith("gpu_check on NVIDIA H100 80GB HBM3: torch 2.11.0+cu130, CUDA 13.0")
+    assert "| memory_7b | oom | 3.0 | CUDA out of memory [at 7B bf16 build] |" in table
+    assert "| train_nf4_1b | skipped | 0.5 | bitsandbytes not installed |" in table
