@@ -1,8 +1,13 @@
 """Every CUDA claim of the project checked on a real GPU, in one command (docs/gpu.md):
 
     python bench/gpu_check.py --out DIR            # full: <= 8 minutes on one H100
-    python bench/gpu_check.py --quick --out DIR    # <= 3 minutes: fewer sizes and steps, no CLI --compile
+    python bench/gpu_check.py --quick --out DIR    # <= 3 minutes: fewer paths, runs, steps and layers
     python bench/gpu_check.py --only int4_correct --out DIR    # one check, in this process
+    python bench/gpu_check.py --record DIR         # here, after a GPU run: its checks.jsonl into bench/results.jsonl
+
+bench/gpu_prepare.sh builds what the bare GPU machine lacks (wheels, the demo model); bench/gpu_run.sh
+installs them there and runs this. `--only NAME --cpu` runs a GPU check's code on the CPU at a
+small size: a check of the code before the GPU is lent, never a figure.
 
 Each check runs in its own subprocess (`--only NAME`) with a time limit, so a failure, a crash or
 an out-of-memory in one leaves the others running. DIR gets checks.jsonl (the first line: the
@@ -177,7 +182,7 @@ def torch_int4pack(w, dtype: torch.dtype):
     from quant import kernels
     from quant.pack import unpack_rows
 
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm") or torch.cuda.get_device_capability() < (8, 0):
+    if not w.qweight.is_cuda or torch.cuda.get_device_capability() < (8, 0):
         raise Skip("no _weight_int4pack_mm for this torch / GPU")
     size = kernels.contiguous_groups(w)
     if size not in (32, 64, 128, 256) or w.in_features % 128:
@@ -198,33 +203,37 @@ CLAIM_M256 = 0.95  # ... and no slower at M >= 256 (5% for the noise of two timi
 def int4_speed(ctx: Ctx) -> dict:
     """int4 (the chosen path, and each CUDA path in full mode) against bf16 torch.mm and torch's
     _weight_int4pack_mm: CUDA events, warm-up, median of >= 20, the L2 flushed before each call."""
+    from common import timed
     from int4_matmul import random_int4_linear
     from quant.kernels import available_paths, choose_path, int4_matmul
 
     runs = 20 if ctx.quick else 50
     dtype, rows, claims = ctx.half, [], []
-    for out_f, in_f in SPEED_SHAPES:
+    # `--only int4_speed --cpu` runs it on small shapes with a host clock: a check of this code, not a figure
+    times = cuda_times if ctx.cuda else lambda fn, n: timed(fn, 3, warmup=1)
+    for out_f, in_f in SPEED_SHAPES if ctx.cuda else [(256, 512)]:
         ctx.at(f"{out_f}x{in_f} int4 and {str(dtype)[6:]}")
-        w = random_int4_linear(out_f, in_f, "cuda").int4()
-        dense = torch.randn(out_f, in_f, device="cuda", dtype=dtype)
+        w = random_int4_linear(out_f, in_f, ctx.device).int4()
+        dense = torch.randn(out_f, in_f, device=ctx.device, dtype=dtype)
         dense_t = dense.t()
         try:
             peer, peer_err = torch_int4pack(w, dtype), None
+            peer(torch.randn(1, in_f, device=ctx.device, dtype=dtype))  # refuses here, if it refuses
         except Skip as e:
             peer, peer_err = None, str(e)
         except RuntimeError as e:  # the op exists but refuses (a dtype, a build without it)
             peer, peer_err = None, str(e).splitlines()[0]
         for m in SPEED_MS:
             ctx.at(f"{out_f}x{in_f} M={m}")
-            x = torch.randn(m, in_f, device="cuda", dtype=dtype)
+            x = torch.randn(m, in_f, device=ctx.device, dtype=dtype)
             chosen = choose_path(x, w)
-            paths = [chosen] if ctx.quick else [p for p in available_paths("cuda") if p != "reference"]
-            ms = {f"int4 {p}": median(cuda_times(lambda: int4_matmul(x, w, path=p), runs)) * 1e3 for p in paths}
-            ms["dense"] = median(cuda_times(lambda: torch.mm(x, dense_t), runs)) * 1e3
+            paths = [chosen] if ctx.quick else [p for p in available_paths(ctx.device) if p != "reference"]
+            ms = {f"int4 {p}": median(times(lambda: int4_matmul(x, w, path=p), runs)) * 1e3 for p in paths}
+            ms["dense"] = median(times(lambda: torch.mm(x, dense_t), runs)) * 1e3
             row = {"out": out_f, "in": in_f, "m": m, "path": chosen, **{k: round(v, 4) for k, v in ms.items()}}
             if peer is not None:
                 row["torch_int4pack_err"] = round(rel(peer(x), int4_matmul(x.double(), w, path="reference")), 5)
-                row["torch_int4pack"] = round(median(cuda_times(lambda: peer(x), runs)) * 1e3, 4)
+                row["torch_int4pack"] = round(median(times(lambda: peer(x), runs)) * 1e3, 4)
             row["dense_over_int4"] = round(ms["dense"] / ms[f"int4 {chosen}"], 2)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -237,7 +246,7 @@ def int4_speed(ctx: Ctx) -> dict:
     result = {"dtype": str(dtype)[6:], "runs": runs, "rows": rows, "torch_int4pack": peer_err or "timed",
               "claims": [{"claim": c, "met": ok, "dense_over_int4": v} for c, ok, v in claims]}
     unmet = [f"{c} (got {v}x)" for c, ok, v in claims if not ok]
-    if unmet:
+    if unmet and ctx.cuda:
         raise CheckFailed(f"claim not met: {unmet[0]}" + (f" (+{len(unmet) - 1} more)" if len(unmet) > 1 else ""), result)
     return result
 
@@ -361,6 +370,8 @@ def training_check(ctx: Ctx, method: str) -> dict:
     if ctx.cuda:
         half = "bf16" if ctx.half == torch.bfloat16 else "fp16"
         runs = {half: dict(precision=half), "fp16": dict(precision="fp16"), "fp32": dict(precision="fp32")}
+        if ctx.quick:  # the 16-bit autocast the GPU runs by default, only
+            runs = {half: runs[half]}
     else:
         runs = {"bf16": dict(precision="bf16")}
     result, failures = {"steps": len(ref), "loss_cpu_fp32": [round(v, 5) for v in ref]}, []
@@ -406,16 +417,20 @@ def ckpt_1b(ctx: Ctx) -> Path:
         import sentencepiece as spm
 
         vocab = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).vocab_size()
-        n_layers = SHAPE_1B["n_layers"] if not ctx.quick else 8
-        write_random_checkpoint(folder, 0, SHAPE_1B["dim"], SHAPE_1B["n_heads"], vocab, n_layers=n_layers)
+        if ctx.cuda:
+            n_layers = SHAPE_1B["n_layers"] if not ctx.quick else 4
+            write_random_checkpoint(folder, 0, SHAPE_1B["dim"], SHAPE_1B["n_heads"], vocab, n_layers=n_layers)
+        else:  # `--only train_int4_1b --cpu`: the same code on a small shape, a check of this code, not a figure
+            write_random_checkpoint(folder, 0, 256, 4, vocab, n_layers=2)
 
     return ctx.shared("1b", build)
 
 
 def quantized_training(ctx: Ctx, quant: str) -> dict:
-    """LoRA (every linear) on a 1B-shaped base quantized on load, 10 steps of packed plain text
-    (task pt, 4 x 512 tokens a step) through finetune.trainer.train: tokens/s (median of steps
-    2-10), peak memory (max_memory_allocated) beside finetune.plan's estimate for the same config."""
+    """LoRA (every linear) on a 1B-shaped base quantized on load, 10 steps (--quick: 5, on 4 of the
+    22 layers) of packed plain text (task pt, 4 x 512 tokens a step) through finetune.trainer.train:
+    tokens/s (median of the steps after the first), peak memory (max_memory_allocated) beside
+    finetune.plan's estimate for the same config."""
     from finetune.config import TrainConfig
     from finetune.plan import Devices, plan, resolve
     from finetune.trainer import train
@@ -426,26 +441,31 @@ def quantized_training(ctx: Ctx, quant: str) -> dict:
     out = ctx.work / "runs" / f"{quant}_1b"
     shutil.rmtree(out, ignore_errors=True)
     precision = "bf16" if ctx.half == torch.bfloat16 else "fp16"
-    cfg = TrainConfig(ckpt_dir=str(ckpt), out_dir=str(out), device="cuda", quant=quant, method="lora",
-                      lora_targets=["all-linear"], lora_dropout=0.0, task="pt", packing=True, cutoff_len=512,
-                      micro_batch_size=4, max_steps=10, warmup_steps=0, lr=1e-4, eval_split=0.01, seed=0,
-                      dtype=str(ctx.half)[6:], precision=precision,
+    cfg = TrainConfig(ckpt_dir=str(ckpt), out_dir=str(out), device=ctx.device, quant=quant, method="lora",
+                      lora_targets=["all-linear"], lora_dropout=0.0, task="pt", packing=True,
+                      cutoff_len=512 if ctx.cuda else 64, micro_batch_size=4,
+                      max_steps=2 if not ctx.cuda else 5 if ctx.quick else 10,
+                      warmup_steps=0, lr=1e-4, eval_split=0.01, seed=0,
+                      dtype=str(ctx.half)[6:] if ctx.cuda else "float32", precision=precision if ctx.cuda else "fp32",
                       train_file=str(ROOT / "data" / "demo" / "pretrain.jsonl")).check()
     args = read_model_args(ckpt)
     ctx.at(f"{quant} LoRA on {args.n_layers} layers x dim {args.dim}")
-    torch.cuda.reset_peak_memory_stats()
+    if ctx.cuda:
+        torch.cuda.reset_peak_memory_stats()
     with contextlib.redirect_stdout(sys.stderr):
         train(cfg)
-    peak = torch.cuda.max_memory_allocated()
-    estimate = plan(resolve(cfg, args, Devices("cuda", 1, torch.cuda.get_device_properties(0).total_memory),
-                            "auto", quant))[0]
-    tok_s = [r["tokens_per_s"] for r in read_metrics(out) if "tokens_per_s" in r][1:]
     gib = 2 ** 30
-    return {"shape": {"dim": args.dim, "n_layers": args.n_layers, "vocab": args.vocab_size}, "tokens_per_step": 2048,
-            "tok_s_median": round(median(tok_s), 1), "peak_allocated_gib": round(peak / gib, 3),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / gib, 3),
-            "plan_total_gib": round(estimate.total / gib, 3),
-            "plan_without_overhead_gib": round((estimate.total - estimate.overhead) / gib, 3)}
+    devices = Devices("cuda", 1, torch.cuda.get_device_properties(0).total_memory) if ctx.cuda else Devices("cpu", 1, 1 << 40)
+    estimate = plan(resolve(cfg, args, devices, "auto", quant))[0]
+    tok_s = [r["tokens_per_s"] for r in read_metrics(out) if "tokens_per_s" in r][1:]
+    result = {"shape": {"dim": args.dim, "n_layers": args.n_layers, "vocab": args.vocab_size},
+              "tokens_per_step": cfg.micro_batch_size * cfg.cutoff_len, "tok_s_median": round(median(tok_s), 1),
+              "plan_total_gib": round(estimate.total / gib, 3),
+              "plan_without_overhead_gib": round((estimate.total - estimate.overhead) / gib, 3)}
+    if ctx.cuda:
+        result.update(peak_allocated_gib=round(torch.cuda.max_memory_allocated() / gib, 3),
+                      peak_reserved_gib=round(torch.cuda.max_memory_reserved() / gib, 3))
+    return result
 
 
 @check("train_int4_1b", cpu=False, limit=(180, 120))
@@ -563,7 +583,7 @@ def placement(ctx: Ctx) -> dict:
 def torchrun_ft(ctx: Ctx, out: Path, ckpt: Path, steps: int, sharding: str) -> subprocess.CompletedProcess:
     from tests.utils import DEMO_TRAIN
 
-    flags = ["--ckpt_dir", ckpt, "--out_dir", out, "--device", "cuda", "--sharding", sharding, "--max_steps", steps,
+    flags = ["--ckpt_dir", ckpt, "--out_dir", out, "--device", ctx.device, "--sharding", sharding, "--max_steps", steps,
              "--train_file", DEMO_TRAIN, "--template", "plain", "--cutoff_len", 64, "--micro_batch_size", 8,
              "--save_every", 3, "--keep_last", 5, "--lora_dropout", 0, "--exact_match_samples", 0, "--seed", 0]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
@@ -593,7 +613,7 @@ def torchrun_nccl(ctx: Ctx) -> dict:
         log = r.stdout + r.stderr
         resumed = "resumed from" in log and "at step 3" in log
         logged = [m["step"] for m in read_metrics(out) if "loss" in m]
-        result[sharding] = {"nccl": "initializing model parallel with size 1" in log, "resumed": resumed,
+        result[sharding] = {"group": "initializing model parallel with size 1" in log, "resumed": resumed,
                             "steps_logged": logged}
         if not resumed or logged != [1, 2, 3, 4, 5, 6]:
             raise CheckFailed(f"{sharding}: the 6-step run did not resume from step 3 (steps logged {logged})", result)
@@ -750,9 +770,25 @@ def format_table(records: list[dict], elapsed: float) -> str:
     return "\n".join(lines)
 
 
+def record(folder: Path) -> int:
+    """Append a GPU run's checks.jsonl (fetched from the device) to bench/results.jsonl as one row."""
+    from common import RESULTS
+
+    lines = [json.loads(ln) for ln in (folder / "checks.jsonl").read_text().splitlines() if ln.strip()]
+    v = lines[0]["versions"]
+    row = {"bench": "gpu_check", "date": v["date"], "host": v["host"], "device": v["gpu"] or "cpu",
+           "torch": v["torch"], "versions": v, "checks": lines[1:], "cmd": "bash bench/gpu_run.sh" + " --quick" * v["quick"]}
+    with open(RESULTS, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"appended the {v['gpu'] or 'CPU'} run of {v['date']} to {RESULTS}; its table ({folder / 'table.txt'}) "
+          f"goes into docs/gpu.md")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for checks.jsonl, table.txt and log.txt")
+    p.add_argument("--out", help="folder for checks.jsonl, table.txt and log.txt")
+    p.add_argument("--record", metavar="DIR", help="append DIR/checks.jsonl (a GPU run's) to bench/results.jsonl")
     p.add_argument("--quick", action="store_true", help="fewer sizes and steps: <= 3 minutes on one H100")
     p.add_argument("--cpu", action="store_true", help="run the CPU subset even where CUDA is present")
     p.add_argument("--checks", nargs="+", choices=list(CHECKS), help="run only these (default: all)")
@@ -761,6 +797,10 @@ def main(argv=None) -> int:
     p.add_argument("--only", choices=list(CHECKS), help=argparse.SUPPRESS)  # one check, in this process
     p.add_argument("--work", help=argparse.SUPPRESS)  # scratch shared by the checks of one run
     a = p.parse_args(argv)
+    if a.record:
+        return record(Path(a.record))
+    if not a.out:
+        p.error("--out DIR is required")
     if a.only:
         if not a.work:
             a.work = tempfile.mkdtemp(prefix="gpu_check_")

@@ -91,3 +91,22 @@ def test_table_says_what_failed_and_where():
     assert table.splitlines()[0].startswith("gpu_check on NVIDIA H100 80GB HBM3: torch 2.11.0+cu130, CUDA 13.0")
     assert "| memory_7b | oom | 3.0 | CUDA out of memory [at 7B bf16 build] |" in table
     assert "| train_nf4_1b | skipped | 0.5 | bitsandbytes not installed |" in table
+
+
+def test_record_appends_one_row(tmp_path, monkeypatch):
+    """--record DIR: a GPU run's checks.jsonl (fetched from the device) becomes one results row."""
+    import common
+
+    records = [{"versions": {"date": "2026-12-06T03:00:00Z", "host": "gpu-1", "gpu": "NVIDIA H100 80GB HBM3",
+                             "torch": "2.11.0+cu130", "quick": True}},
+               {"check": "int4_correct", "status": "ok", "seconds": 12.0, "result": {"cases": 144}}]
+    (tmp_path / "checks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"bench": "earlier"}\n')
+    monkeypatch.setattr(common, "RESULTS", results)
+    assert gpu_check.main(["--record", str(tmp_path)]) == 0
+    rows = [json.loads(ln) for ln in results.read_text().splitlines()]
+    assert rows[0] == {"bench": "earlier"} and len(rows) == 2
+    assert rows[1]["bench"] == "gpu_check" and rows[1]["device"] == "NVIDIA H100 80GB HBM3"
+    assert rows[1]["torch"] == "2.11.0+cu130" and rows[1]["checks"] == records[1:]
+    assert rows[1]["cmd"] == "bash bench/gpu_run.sh --quick"
