@@ -743,7 +743,9 @@ def summary(rec: dict) -> str:
         big = [row["dense_over_int4"] for row in r["rows"] if row["m"] >= 256]
         return f"bf16/int4 at M=1 {min(m1)}-{max(m1)}x, at M=256 {min(big)}-{max(big)}x"
     if name == "memory_7b":
-        return f"int4/bf16 {r['int4_over_bf16']} ({r['basis']})"
+        shape = f"dim {r['shape']['dim']} x {r['shape']['n_layers']} layers"
+        return f"{shape}: int4/bf16 {r['int4_over_bf16']} ({r['basis']})" + \
+            ("" if r["basis"] == "max_memory_allocated" else "; the 0.3 claim is the 7B's, on a GPU")
     if name.startswith("train_") and "tok_s_median" in r:
         return (f"{r['tok_s_median']} tok/s, peak {r['peak_allocated_gib']} GiB "
                 f"(plan {r['plan_without_overhead_gib']} + overhead = {r['plan_total_gib']})")
