@@ -44,7 +44,7 @@ def setup_model_parallel(device: str | None = None, tensor_parallel: int | None 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and n > 1:
+    elif device == "cuda" and (n > 1 or under_torchrun()):  # a process group needs the rank's own GPU, by index
         device = f"cuda:{local_rank}"
     check_device(device)
     if n == 1 and not under_torchrun():
