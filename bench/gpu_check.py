@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -660,7 +661,8 @@ def run_child(a) -> int:
     except Exception as e:  # any crash of the code under check: recorded, the other checks still run
         traceback.print_exc()
         line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        out.update(status="failed", size=ctx.size, error=f"{type(e).__name__}: {line}")
+        oom = "out of memory" in str(e).lower()  # raised as a RuntimeError by some (bitsandbytes, NCCL)
+        out.update(status="oom" if oom else "failed", size=ctx.size, error=f"{type(e).__name__}: {line}")
     if ctx.notes:
         out["notes"] = ctx.notes
     print(RESULT + json.dumps(out), flush=True)
@@ -700,16 +702,19 @@ def run_all(a) -> int:
             cmd = [sys.executable, __file__, "--only", name, "--out", str(out), "--work", str(work)]
             cmd += ["--quick"] * a.quick + ["--cpu"] * a.cpu
             t0 = time.perf_counter()
+            # its own session: on a timeout the whole group goes (torchrun's workers, example.py), so
+            # nothing left behind holds GPU memory through the next checks
+            p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
             try:
-                p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-                stdout, stderr = p.stdout, p.stderr
+                stdout, stderr = p.communicate(timeout=timeout)
                 lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT)]
                 rec = json.loads(lines[-1][len(RESULT):]) if lines else {
                     "check": name, "status": "failed",
                     "error": f"exit {p.returncode}: " + ((stderr.strip().splitlines() or ["no output"])[-1])}
-            except subprocess.TimeoutExpired as e:
-                stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-                stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                stdout, stderr = p.communicate()
                 sizes = [ln[3:] for ln in stdout.splitlines() if ln.startswith("-- ")]
                 rec = {"check": name, "status": "timeout", "size": sizes[-1] if sizes else None,
                        "error": f"timed out after {timeout:.0f} s"}

@@ -110,3 +110,45 @@ def test_record_appends_one_row(tmp_path, monkeypatch):
     assert rows[1]["bench"] == "gpu_check" and rows[1]["device"] == "NVIDIA H100 80GB HBM3"
     assert rows[1]["torch"] == "2.11.0+cu130" and rows[1]["checks"] == records[1:]
     assert rows[1]["cmd"] == "bash bench/gpu_run.sh --quick"
+
+
+FAKE_CHILD = """
+import json, subprocess, sys, time
+name = sys.argv[sys.argv.index("--only") + 1]
+if name == "hang":  # a check stuck with a process of its own (torchrun's worker, say)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    open(sys.argv[sys.argv.index("--work") + 1] + "/sleeper.pid", "w").write(str(sleeper.pid))
+    time.sleep(120)
+if name == "crash":  # dies without a result line
+    sys.exit("Fatal Python error: Segmentation fault")
+print("GPU_CHECK_RESULT " + json.dumps({"check": name, "status": "ok", "result": {}}))
+"""
+
+
+def test_a_hang_or_a_crash_leaves_the_other_checks_running(tmp_path, monkeypatch):
+    """run_all: a check past its limit is killed with its own child processes and recorded as a
+    timeout, one that dies without a result as failed with its last line, and the next still runs."""
+    import os
+    import time
+
+    fake = tmp_path / "fake_child.py"
+    fake.write_text(FAKE_CHILD)
+    monkeypatch.setattr(gpu_check, "__file__", str(fake))
+    monkeypatch.setattr(gpu_check, "CHECKS", {name: (None, True, (3, 3)) for name in ("hang", "crash", "fine")})
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    assert gpu_check.main(["--out", str(out), "--cpu", "--work", str(work)]) == 1
+    lines = [json.loads(ln) for ln in (out / "checks.jsonl").read_text().splitlines()]
+    status = {r["check"]: r for r in lines[1:]}
+    assert status["hang"]["status"] == "timeout" and status["hang"]["error"] == "timed out after 3 s"
+    assert status["crash"]["status"] == "failed" and status["crash"]["error"] == "exit 1: Fatal Python error: Segmentation fault"
+    assert status["fine"]["status"] == "ok"
+    sleeper = int((work / "sleeper.pid").read_text())
+    for _ in range(50):  # SIGKILL went to the hung check's whole process group
+        try:
+            os.kill(sleeper, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the hung check's child {sleeper} still runs")
