@@ -634,13 +634,16 @@ def versions() -> dict:
     v = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
          "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
          **{name: version(name) for name in ("triton", "bitsandbytes", "fairscale", "transformers")}}
+    v["gpu"] = None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         v.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2 ** 30, 1),
-                 capability=".".join(map(str, torch.cuda.get_device_capability())),
-                 nccl=".".join(map(str, torch.cuda.nccl.version())))
-    else:
-        v["gpu"] = None
+                 capability=".".join(map(str, torch.cuda.get_device_capability())))
+        try:  # a tuple in recent torch, an int in older ones
+            nccl = torch.cuda.nccl.version()
+            v["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
+        except Exception as e:  # a build without NCCL: the torchrun check will say more
+            v["nccl"] = f"unavailable ({type(e).__name__})"
     return v
 
 
