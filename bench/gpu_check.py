@@ -427,6 +427,30 @@ def ckpt_1b(ctx: Ctx) -> Path:
     return ctx.shared("1b", build)
 
 
+@contextlib.contextmanager
+def counting_int4_paths():
+    """Count the calls of each int4 path (quant.kernels.PATHS, looked up at every call) meanwhile:
+    a training step's rows (micro batch x sequence) take dequant + cuBLAS, the Triton kernel
+    serves <= 16 rows (decoding, and the exact-match generation), and the record says which ran."""
+    from collections import Counter
+
+    from quant import kernels
+
+    taken, saved = Counter(), dict(kernels.PATHS)
+
+    def counted(name, fn):
+        def run(x, w):
+            taken[name] += 1
+            return fn(x, w)
+        return run
+
+    kernels.PATHS.update({name: counted(name, fn) for name, fn in saved.items()})
+    try:
+        yield taken
+    finally:
+        kernels.PATHS.update(saved)
+
+
 def quantized_training(ctx: Ctx, quant: str) -> dict:
     """LoRA (every linear) on a 1B-shaped base quantized on load, 10 steps (--quick: 5, on 4 of the
     22 layers) of packed plain text (task pt, 4 x 512 tokens a step) through finetune.trainer.train:
@@ -453,13 +477,13 @@ def quantized_training(ctx: Ctx, quant: str) -> dict:
     ctx.at(f"{quant} LoRA on {args.n_layers} layers x dim {args.dim}")
     if ctx.cuda:
         torch.cuda.reset_peak_memory_stats()
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), counting_int4_paths() as taken:
         train(cfg)
     gib = 2 ** 30
     devices = Devices("cuda", 1, torch.cuda.get_device_properties(0).total_memory) if ctx.cuda else Devices("cpu", 1, 1 << 40)
     estimate = plan(resolve(cfg, args, devices, "auto", quant))[0]
     tok_s = [r["tokens_per_s"] for r in read_metrics(out) if "tokens_per_s" in r][1:]
-    result = {"shape": {"dim": args.dim, "n_layers": args.n_layers, "vocab": args.vocab_size},
+    result = {"shape": {"dim": args.dim, "n_layers": args.n_layers, "vocab": args.vocab_size}, "int4_paths": dict(taken),
               "tokens_per_step": cfg.micro_batch_size * cfg.cutoff_len, "tok_s_median": round(median(tok_s), 1),
               "plan_total_gib": round(estimate.total / gib, 3),
               "plan_without_overhead_gib": round((estimate.total - estimate.overhead) / gib, 3)}
@@ -755,8 +779,9 @@ def summary(rec: dict) -> str:
         return f"{shape}: int4/bf16 {r['int4_over_bf16']} ({r['basis']})" + \
             ("" if r["basis"] == "max_memory_allocated" else "; the 0.3 claim is the 7B's, on a GPU")
     if name.startswith("train_") and "tok_s_median" in r:
-        return (f"{r['tok_s_median']} tok/s, peak {r['peak_allocated_gib']} GiB "
-                f"(plan {r['plan_without_overhead_gib']} + overhead = {r['plan_total_gib']})")
+        paths = f"; int4 paths {r['int4_paths']}" if r.get("int4_paths") else ""
+        return (f"{r['tok_s_median']} tok/s, peak {r.get('peak_allocated_gib')} GiB "
+                f"(plan {r['plan_without_overhead_gib']} + overhead = {r['plan_total_gib']}){paths}")
     if name.startswith("train_"):
         return ", ".join(f"{k} {v['max_rel_diff']:.1e} (tol {v['tol']})" for k, v in r.items() if isinstance(v, dict))
     if name == "inference":
