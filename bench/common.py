@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -50,13 +51,15 @@ def nbytes(shape, itemsize=2) -> int:
     return n
 
 
-def write_random_checkpoint(out: Path, gb: float, dim: int, n_heads: int, vocab: int) -> tuple[dict, int]:
+def write_random_checkpoint(out: Path, gb: float, dim: int, n_heads: int, vocab: int,
+                            n_layers: Optional[int] = None) -> tuple[dict, int]:
     """params.json + consolidated.00.safetensors of at least `gb` GB of random bf16 weights (LLaMA-7B
-    shapes scaled down in width), written one tensor at a time (header first: every shape is known
-    up front), never held whole. Returns (params, bytes)."""
-    per_layer = sum(nbytes(s) for k, s in model_shapes(dim, 1, vocab).items() if k.startswith("layers."))
-    fixed = nbytes((vocab, dim)) * 2 + nbytes((dim,))
-    n_layers = max(1, -(-(int(gb * 1e9) - fixed) // per_layer))
+    shapes scaled down in width), or of exactly `n_layers` blocks when given, written one tensor at
+    a time (header first: every shape is known up front), never held whole. Returns (params, bytes)."""
+    if n_layers is None:
+        per_layer = sum(nbytes(s) for k, s in model_shapes(dim, 1, vocab).items() if k.startswith("layers."))
+        fixed = nbytes((vocab, dim)) * 2 + nbytes((dim,))
+        n_layers = max(1, -(-(int(gb * 1e9) - fixed) // per_layer))
     shapes = model_shapes(dim, n_layers, vocab)
     out.mkdir(parents=True, exist_ok=True)
     header, offset = {}, 0
@@ -175,6 +178,24 @@ def timed(fn, runs: int, warmup: int = 2, sync=lambda: None) -> list[float]:
         sync()
         times.append(time.perf_counter() - start)
     return times
+
+
+def cuda_times(fn, runs: int = 20, warmup: int = 5, flush_bytes: int = 256 << 20) -> list[float]:
+    """Seconds of each of `runs` calls of fn() on the current GPU, timed with CUDA events after
+    `warmup` untimed calls. Before each call (outside the timed region) a 256 MB write flushes the
+    L2 cache: a 4096x4096 int4 weight is 8 MB and H100's L2 50 MB, so without it every call after
+    the first would read its weight from the cache, which a decode step through 32 layers never does."""
+    flush = torch.empty(flush_bytes, dtype=torch.uint8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
 def median(values) -> float:

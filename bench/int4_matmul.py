@@ -66,6 +66,20 @@ def bench_speed(device: str, runs: int) -> dict:
     return result
 
 
+def random_int4_linear(out_features: int, in_features: int, device, group_size: int = 128):
+    """An Int4Linear [out, in] of random words (group 128), drawn straight into its buffers on
+    `device`: no float or int64 temporaries, so a 7B's worth or an 8192x8192 layer builds in
+    moments on a GPU."""
+    from quant.linear import Int4Linear
+
+    layer = Int4Linear(in_features, out_features, in_features // group_size, group_size, device=device)
+    for t in (layer.qweight, layer.qzeros):
+        t.random_(-2 ** 31, 2 ** 31 - 1)
+    layer.scales.uniform_(0.001, 0.01)
+    layer.g_idx.copy_(group_index(in_features, group_size))
+    return layer
+
+
 def build_int4_7b(device: str, shape: Optional[dict] = None):
     """LLaMA-7B shapes (or `shape`) with Int4Linear blocks (random int4 weights, group 128) and
     bf16 embeddings, norms and output, built without ever holding a float copy of a block."""
@@ -78,18 +92,9 @@ def build_int4_7b(device: str, shape: Optional[dict] = None):
     with torch.device("meta"):
         model = Transformer(args)
 
-    def make(linear):  # random words straight into the buffers: no float or int64 temporaries
-        out_features, in_features = linear.weight.shape
-        layer = Int4Linear(in_features, out_features, in_features // 128, 128, device=device)
-        for t in (layer.qweight, layer.qzeros):
-            t.random_(-2 ** 31, 2 ** 31 - 1)
-        layer.scales.uniform_(0.001, 0.01)
-        layer.g_idx.copy_(group_index(in_features, 128))
-        return layer
-
     for block in model.layers:
         for name, linear in block_linears(block).items():
-            replace_module(block, name, make(linear))
+            replace_module(block, name, random_int4_linear(*linear.weight.shape, device))
     for m in model.modules():  # what is left on meta: embeddings, norms, output
         if any(p.is_meta for p in m.parameters(recurse=False)):
             m.to_empty(device=device, recurse=False)

@@ -71,7 +71,8 @@ class TrainConfig:
     warmup_ratio: float = _key(0.03, "warmup as a fraction of all steps, when warmup_steps is -1", "train")
     min_lr_ratio: float = _key(0.0, "the cosine schedule ends at lr * min_lr_ratio", "train")
     max_grad_norm: float = _key(1.0, "clip the global gradient norm to this (0: no clipping)", "train")
-    precision: str = _key("auto", "bf16 (autocast), fp16 (autocast + loss scaling), fp32, or auto (bf16 on GPU, fp32 on CPU)", "train")
+    precision: str = _key("auto", "bf16 (autocast), fp16 (autocast + loss scaling), fp32, or auto (bf16 on GPU, fp16 on "
+                                  "one without bf16, fp32 on CPU)", "train")
     grad_checkpointing: bool = _key(False, "recompute each block's activations in backward to save memory", "train")
     eval_every: int = _key(0, "evaluate every N steps (0: only at the end)", "train")
     save_every: int = _key(0, "checkpoint every N steps (0: only at the end)", "train")

@@ -25,6 +25,10 @@ from llama.files import atomic_write_bytes, fsync_dir, save_safetensors
 STEP_DIR = re.compile(r"step_(\d{6,})")
 SHARDED = "sharded"  # an FSDP run's torch.distributed.checkpoint folder inside a checkpoint
 SHARDED_OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Loading: not strict about the frozen weights left out above. On one rank (torchrun with a world
+# of one) torch's strict check counted them as missing and refused every resume; the trained
+# weights are still checked, by dcp.load, which fails on any key of the run that the checkpoint lacks.
+LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def flatten(obj, tensors: dict, prefix: str):
@@ -150,7 +154,7 @@ def load_state(folder, rank: int, params: dict, optimizer, scheduler, scaler, sh
         except Exception as e:  # DCP wraps the cause (a missing or misshapen tensor) in its own error
             raise LlamaInputError(f"{folder / SHARDED}: does not fit this run ({str(e).splitlines()[0]})") from None
         set_state_dict(sharded, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=SHARDED_OPTIONS)
+                       options=LOAD_OPTIONS)
         params = {}
     elif skeleton["optimizer"] is None:
         raise LlamaInputError(f"{folder}: written by a sharding = 'fsdp' run; resume it with sharding = 'fsdp'")

@@ -11,6 +11,7 @@ micro-batches and data-parallel ranks, so N processes with batch b follow the sa
 one process with batch N*b, and gradient accumulation changes nothing but memory.
 """
 import contextlib
+import functools
 import json
 import math
 import os
@@ -61,10 +62,24 @@ def on_gpu(device) -> bool:
     return str(device).startswith("cuda")
 
 
+@functools.lru_cache(maxsize=None)
+def gpu_has_bf16(device: str) -> bool:
+    """Native bf16 (compute capability 8.0, Ampere, or later; torch.cuda.is_bf16_supported also
+    counts slow emulation). Without it `auto` takes fp16, said once per device."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(torch.device(device)) >= (8, 0):
+        return True  # no GPU to ask (a config resolved ahead, a plan): bf16, the GPU default
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {torch.cuda.get_device_name(torch.device(device))} has no native bf16: dtype and precision "
+              f"'auto' take float16 (fp16 autocast with loss scaling) instead", file=sys.stderr)
+    return False
+
+
 def base_dtype(dtype: str, device) -> torch.dtype:
     """The config's dtype, with auto resolved for the device the model runs on."""
     if dtype == "auto":
-        return torch.bfloat16 if on_gpu(device) else torch.float32
+        if not on_gpu(device):
+            return torch.float32
+        return torch.bfloat16 if gpu_has_bf16(str(device)) else torch.float16
     return parse_dtype(dtype)
 
 
@@ -173,7 +188,7 @@ def setup(cfg: TrainConfig) -> Run:
     rows = pack(train_items, cfg.cutoff_len) if cfg.packing else train_items
 
     dtype = base_dtype(cfg.dtype, (devices or [device])[0])
-    fsdp = cfg.sharding == "fsdp" and world > 1
+    fsdp = cfg.sharding == "fsdp" and dist.is_initialized()  # under torchrun, one process included
     if fsdp:
         if cfg.cpu_offload and not on_gpu(device):
             raise LlamaInputError("cpu_offload moves FSDP's shards off the GPU; this run is on the CPU already")
@@ -246,7 +261,9 @@ def setup_optimizer(run: Run) -> None:
 
 def amp_dtype(cfg: TrainConfig, device) -> Optional[torch.dtype]:
     """The autocast dtype of `precision` (auto: bf16 on GPU, none on CPU)."""
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu(device) else "fp32")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = ("bf16" if gpu_has_bf16(str(device)) else "fp16") if on_gpu(device) else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 

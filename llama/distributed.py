@@ -13,19 +13,41 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def under_torchrun() -> bool:
+    """Started by torchrun (which sets TORCHELASTIC_RUN_ID), with its rendezvous to join."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, in one line, before anything is loaded on it."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise LlamaInputError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LlamaInputError(f"device {device} asked for but no GPU is visible (torch {torch.__version__}"
+                                  f"{'' if torch.version.cuda else ', a CPU-only build'}): use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise LlamaInputError(f"device {device} asked for but only {torch.cuda.device_count()} GPU(s) are visible")
+
+
 def setup_model_parallel(device: str | None = None, tensor_parallel: int | None = None) -> tuple[int, int, str]:
     """Under torchrun, start the process group (nccl on GPU, gloo on CPU) and fairscale's model
     parallel state: groups of `tensor_parallel` consecutive ranks (default: all of them) each hold
-    one copy of the model split across them; the copies are data-parallel.
+    one copy of the model split across them; the copies are data-parallel. One process under
+    torchrun starts its group too (a world of one: the same code path as N ranks, collectives
+    included); one started without torchrun starts none.
 
     Returns (rank, world_size, device)."""
     n = world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and n > 1:
+    elif device == "cuda" and (n > 1 or under_torchrun()):  # a process group needs the rank's own GPU, by index
         device = f"cuda:{local_rank}"
-    if n == 1:
+    check_device(device)
+    if n == 1 and not under_torchrun():
         return 0, 1, device
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))

@@ -3,7 +3,7 @@ bytes (the same planner cuts layer-wise stage files in split/stages.py)."""
 import torch
 from torch import nn
 
-from llama.distributed import model_parallel_size
+from llama.distributed import check_device, model_parallel_size
 from llama.errors import LlamaInputError
 
 
@@ -46,12 +46,7 @@ def resolve_devices(spec) -> list[str]:
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
     devices = spec.split(",") if isinstance(spec, str) else list(spec)
     for d in devices:
-        try:
-            torch.device(d)
-        except RuntimeError:
-            raise LlamaInputError(f"unknown device {d!r} in --devices") from None
-        if d.startswith("cuda") and not torch.cuda.is_available():
-            raise LlamaInputError(f"device {d} asked for but no GPU is visible")
+        check_device(d)
     return devices
 
 

@@ -161,6 +161,14 @@ def triton_available() -> bool:
     return True
 
 
+def available_paths(device_type: str) -> list[str]:
+    """The paths int4_matmul can take on a device type ("cpu" or "cuda"), the reference first:
+    what a check of every path on that device runs (bench/gpu_check.py)."""
+    if device_type == "cuda":
+        return ["reference", "dequant"] + (["triton"] if triton_available() else [])
+    return ["reference", "dequant", "cpu_int4"]
+
+
 def choose_path(x: torch.Tensor, w: Int4Weight) -> str:
     """x [M, in]: the path int4_matmul takes by default."""
     m = x.shape[0]

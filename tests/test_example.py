@@ -1,11 +1,12 @@
 """example.py end to end: one process vs `torchrun --nproc_per_node 2` on a 2-shard checkpoint
-(gloo, CPU), and the no-checkpoint message."""
+(gloo, CPU), the no-checkpoint message, and --device cuda on a machine without a GPU."""
 import sys
 
 import pytest
+import torch
 
 from llama.tiny import random_model
-from tests.utils import PROMPTS, peaked_random_model, prompt_flags, run, tiny_args, write_meta
+from tests.utils import DEMO_TRAIN, PROMPTS, peaked_random_model, prompt_flags, run, tiny_args, write_meta
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
@@ -46,3 +47,20 @@ def test_no_checkpoint_explains_how_to_get_one(tmp_path, monkeypatch, capsys):
     assert example.main([]) == 2
     err = capsys.readouterr().err
     assert "python ft_main.py" in err and "python -m llama.tiny" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("entry", ["example.py", "ft_main.py", "example.py --devices"])
+def test_cuda_without_a_gpu_is_one_line(tmp_path, tokenizer_path, entry):
+    """--device cuda (or a GPU in --devices) on a machine without CUDA: one `error:` line that
+    says no GPU is visible, exit 2, no traceback, before any weight is loaded."""
+    args = tiny_args()
+    write_meta(random_model(args).state_dict(), args, tmp_path / "ckpt", 1, tokenizer_path)
+    script, *extra = entry.split()
+    where = ["--devices", "cuda:0,cpu"] if extra else ["--device", "cuda"]
+    rest = ["--prompt", "hi"] if script == "example.py" else ["--train_file", str(DEMO_TRAIN), "--out_dir", str(tmp_path / "out")]
+    result = run([sys.executable, script, "--ckpt_dir", str(tmp_path / "ckpt"), *where, *rest], timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: device cuda") and "no GPU is visible" in lines[0], lines
+    assert not (tmp_path / "out").exists()

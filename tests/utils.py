@@ -568,11 +568,11 @@ def run(cmd, timeout=300, **kw) -> subprocess.CompletedProcess:
                           env=env, **kw)
 
 
-def torchrun(common: dict, ckpt, out_dir, timeout=300, **kw):
-    """ft_main.py on 2 processes with common + kw as command-line keys; returns the completed run."""
+def torchrun(common: dict, ckpt, out_dir, timeout=300, nproc: int = 2, **kw):
+    """ft_main.py on `nproc` processes with common + kw as command-line keys; returns the completed run."""
     values = {**common, "ckpt_dir": str(ckpt), "out_dir": str(out_dir), **kw}
     flags = [x for k, v in values.items() for x in (f"--{k}", ",".join(map(str, v)) if isinstance(v, list) else str(v))]
-    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    result = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                   ROOT / "ft_main.py"] + flags, timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result

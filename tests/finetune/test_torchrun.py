@@ -1,8 +1,8 @@
 """ft_main.py under `torchrun --nproc_per_node 2` (gloo, CPU) against one process: data parallel
 (2 x micro-batch 2 = 1 x 4, with and without gradient accumulation), tensor parallel on a
 split_model.py checkpoint (LoRA on every linear with GQA, prompt tuning, full fine-tuning; full
-fine-tuning on Llama-3-layout shards, the embedding split along the vocabulary), and resuming a
-2-process run from its checkpoint."""
+fine-tuning on Llama-3-layout shards, the embedding split along the vocabulary), resuming a
+2-process run from its checkpoint, and one process under torchrun (its own group, FSDP2, resume)."""
 import json
 import shutil
 import sys
@@ -130,6 +130,24 @@ def test_two_process_run_resumes_identically(mha_ckpt, tmp_path):
     one_process(COMMON, mha_ckpt, no_dropout, micro_batch_size=4, grad_accum=2, lora_dropout=0.0, save_every=3,
                         keep_last=5, eval_every=1)
     assert metrics(no_dropout)[(4, "train")]["loss"] != pytest.approx(metrics(whole)[(4, "train")]["loss"], rel=1e-4)
+
+
+def test_one_process_under_torchrun_starts_its_group_and_resumes_fsdp(mha_ckpt, tmp_path):
+    """torchrun --nproc_per_node 1: a process group of one (gloo here, nccl on a GPU: what
+    bench/gpu_check.py runs there), sharding = 'fsdp' takes FSDP2 on it, and a run resumed from its
+    step-3 checkpoint (torch.distributed.checkpoint) logs steps 4-6 as the uninterrupted run did."""
+    kw = dict(micro_batch_size=4, sharding="fsdp", save_every=3, keep_last=5, eval_every=3)
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    result = torchrun(COMMON, mha_ckpt, whole, nproc=1, **kw)
+    assert "> initializing model parallel with size 1" in result.stdout  # the group was started
+    assert "data-parallel 1 (fsdp)" in result.stdout
+    step3 = whole / "checkpoints" / "step_000003"
+    assert (step3 / "sharded").is_dir()
+    result = torchrun(COMMON, mha_ckpt, resumed, nproc=1, resume=str(step3), **kw)
+    assert f"resumed from {step3} at step 3" in result.stdout
+    assert sorted(k[0] for k in metrics(resumed)) == [4, 5, 6, 6]
+    assert_same_run(resumed, whole, tol=1e-6, steps={4, 5, 6})
+    assert_same_tensors(adapter(resumed), adapter(whole), tol=1e-6)
 
 
 # --- tensor parallel ---------------------------------------------------------------------------

@@ -382,3 +382,28 @@ def test_base_dtype_resolves_auto_by_device():
     assert base_dtype("auto", "cuda:1") == base_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
     assert base_dtype("auto", torch.device("cpu")) == base_dtype("auto", "cpu") == torch.float32
     assert base_dtype("float16", "cpu") == torch.float16
+
+
+@pytest.mark.parametrize("capability,want", [((7, 0), (torch.float16, torch.float16)),
+                                             ((8, 0), (torch.bfloat16, torch.bfloat16))])
+def test_auto_on_a_gpu_without_bf16_takes_fp16_and_says_so(monkeypatch, capsys, capability, want):
+    """dtype and precision 'auto' on a GPU: bf16 from compute capability 8.0; before it (a V100,
+    a T4) fp16 with loss scaling, and one warning line naming the GPU. Explicit choices stay."""
+    from finetune.trainer import amp_dtype, gpu_has_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    gpu_has_bf16.cache_clear()
+    try:
+        cfg = TrainConfig(dtype="auto", precision="auto").check()
+        assert (base_dtype("auto", "cuda:0"), amp_dtype(cfg, "cuda:0")) == want
+        assert amp_dtype(replace(cfg, precision="bf16"), "cuda:0") == torch.bfloat16  # asked for: kept
+        assert base_dtype("auto", "cpu") == torch.float32 and amp_dtype(cfg, "cpu") is None
+        err = capsys.readouterr().err
+        if want[0] == torch.float16:
+            assert err.count("\n") == 1 and "Tesla V100-SXM2-16GB has no native bf16" in err
+        else:
+            assert err == ""
+    finally:
+        gpu_has_bf16.cache_clear()

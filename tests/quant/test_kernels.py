@@ -358,3 +358,15 @@ def test_int4_linear_casts_and_moves_keep_the_gptq_tensors():
         empty = Int4Linear(layer.in_features, layer.out_features, layer.scales.shape[0], 64)
     empty.to_empty(device="cpu")
     assert empty.scales.device.type == "cpu" and empty.scales.dtype == torch.float16
+
+
+def test_available_paths_per_device():
+    """What bench/gpu_check.py runs on each device: every path choose_path can take there, and
+    the reference. Triton is offered on CUDA only, where it is installed."""
+    from quant.kernels import available_paths, triton_available
+
+    assert kernels.available_paths("cpu") == ["reference", "dequant", "cpu_int4"]
+    assert available_paths("cuda") == ["reference", "dequant"] + (["triton"] if triton_available() else [])
+    w, _ = layer("g64")
+    for m, dtype in ((1, torch.bfloat16), (300, torch.bfloat16), (5, torch.float32)):
+        assert choose_path(inputs(m, w.in_features, dtype=dtype), w) in available_paths("cpu")
