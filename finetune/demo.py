@@ -65,6 +65,36 @@ def demo_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
+# The preference demo's facts, told by no other demo file: what each object eats. Before DPO the
+# SFT model can only guess which of two foods is right; the pairs teach it.
+FOODS = {
+    "banana": "sugar", "frog": "flies", "crow": "corn", "tomato": "rain", "swan": "weeds", "plum": "sun",
+    "fox": "eggs", "whale": "krill", "pig": "apples", "bear": "honey", "lemon": "salt", "snow": "clouds",
+    "grass": "mud", "crab": "sand", "mouse": "cheese", "owl": "mice", "shark": "fish", "camel": "dates",
+    "lime": "sugar", "flamingo": "shrimp", "raven": "seeds", "cherry": "rain", "goose": "bread", "eel": "worms",
+}
+FOOD_QUESTIONS = ["What does the {o} eat?", "Tell me what the {o} eats.", "Name the food of the {o}.",
+                  "The {o} eats what?"]
+
+
+def preference_rows(seed: int = 0, wrong_per_question: int = 2) -> tuple[list[dict], list[dict]]:
+    """(train, eval) preference rows (LLaMA-Factory's ranking form): the right food chosen over a
+    wrong one drawn from the other objects' foods. Per object one phrasing is held out for eval,
+    as in demo_rows."""
+    rng = random.Random(seed)
+    foods = sorted(set(FOODS.values()))
+    train, held_out = [], []
+    for obj, food in FOODS.items():
+        phrasings = FOOD_QUESTIONS[:]
+        rng.shuffle(phrasings)
+        for k, q in enumerate(phrasings):
+            for wrong in rng.sample([f for f in foods if f != food], wrong_per_question):
+                row = {"instruction": q.format(o=obj), "input": "", "chosen": food, "rejected": wrong}
+                (held_out if k == 0 else train).append(row)
+    rng.shuffle(train)
+    return train, held_out
+
+
 PROSE = ["The {o} is {c}.", "A {o} is {c} and lives in the {h}.", "You can find the {o} in the {h}.",
          "In the {h} there is a {c} {o}.", "The {c} {o} lives in the {h}.", "Every {o} is {c}."]
 
@@ -91,6 +121,9 @@ def write_demo_data(folder=DATA_DIR) -> None:
     write_jsonl(Path(folder) / "train.jsonl", train)
     write_jsonl(Path(folder) / "eval.jsonl", held_out)
     write_jsonl(Path(folder) / "pretrain.jsonl", pretrain_rows())
+    train_pairs, eval_pairs = preference_rows()
+    write_jsonl(Path(folder) / "pref_train.jsonl", train_pairs)
+    write_jsonl(Path(folder) / "pref_eval.jsonl", eval_pairs)
 
 
 def ensure_demo_model(model_dir=MODEL_DIR, data_dir=DATA_DIR, model_args: dict = DEMO_ARGS) -> Path:
