@@ -23,7 +23,7 @@ from llama.config import ModelArgs
 from llama.errors import LlamaInputError
 from llama.files import atomic_write_bytes
 from llama.tiny import corpus, random_model, train_tokenizer
-from finetune.config import TrainConfig
+from finetune.config import TrainConfig, load_config
 from finetune.data import ALPACA_PREAMBLE
 from finetune.trainer import train
 
@@ -170,6 +170,20 @@ def ensure_demo_model(model_dir=MODEL_DIR, data_dir=DATA_DIR, model_args: dict =
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def ensure_demo_adapter(adapter_dir, model_dir=MODEL_DIR) -> Path:
+    """The SFT demo's adapter (the start of the DPO demo), trained first when missing: the SFT demo
+    (torchrun_configs/demo.toml) with its out_dir the adapter folder's parent."""
+    adapter = Path(adapter_dir)
+    if (adapter / "adapter_config.json").is_file():
+        return adapter
+    if adapter.name != "adapter":
+        raise LlamaInputError(f"init_adapter {adapter}: no adapter there (the demo builds only an SFT run's adapter/)")
+    print(f"building {adapter}: running the SFT demo (torchrun_configs/demo.toml) first")
+    train(load_config(["--config", str(ROOT / "torchrun_configs" / "demo.toml"), "--ckpt_dir", str(model_dir),
+                       "--out_dir", str(adapter.parent)]))
+    return adapter
 
 
 def main(argv=None) -> None:

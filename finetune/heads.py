@@ -88,15 +88,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None
 
 
-def token_losses(hidden: torch.Tensor, output: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(hidden: torch.Tensor, output: nn.Module, labels: torch.Tensor,
+                 fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy of each target token of the logits output(hidden): losses
     [targets] and the mask keep [batch, seq - 1] of where they are. hidden [batch, seq, dim]
     predicts labels [batch, seq] shifted by one; -100 is ignored, and slots without a target get
-    no logits at all."""
+    no logits at all. fused: through LinearCrossEntropy where it applies (default: when there is
+    a gradient to keep; DPO's reference asks for it without one, to round as the policy does)."""
     targets = labels[:, 1:]
     keep = targets != -100
     hidden, targets = hidden[:, :-1][keep], targets[keep]
-    if type(output) in (nn.Linear, Linear) and output.bias is None and torch.is_grad_enabled():
+    fused = torch.is_grad_enabled() if fused is None else fused
+    if type(output) in (nn.Linear, Linear) and output.bias is None and fused:
         return LinearCrossEntropy.apply(hidden, output.weight, targets), keep
     # evaluation keeps no gradient; a tensor-parallel output layer gathers its logits itself
     return F.cross_entropy(output(hidden).float(), targets, reduction="none"), keep
@@ -108,12 +111,13 @@ def lm_loss_sum(hidden: torch.Tensor, output: nn.Module, labels: torch.Tensor) -
     return losses.sum(), keep.sum()
 
 
-def sequence_logps(hidden: torch.Tensor, output: nn.Module, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(hidden: torch.Tensor, output: nn.Module, labels: torch.Tensor,
+                   fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's summed log-probability of its target tokens under the logits output(hidden), and
     their count: hidden [rows, seq, dim], labels [rows, seq] (-100: not a target) -> logps [rows]
     (float32), lengths [rows]. Through LinearCrossEntropy where it applies (no [tokens, vocab]
     logits, log-softmax and gradient side by side)."""
-    losses, keep = token_losses(hidden, output, labels)
+    losses, keep = token_losses(hidden, output, labels, fused)
     rows = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)[keep]
     logps = torch.zeros(keep.shape[0], device=losses.device, dtype=losses.dtype).index_add(0, rows, -losses)
     return logps, keep.sum(1)
@@ -150,12 +154,12 @@ class TaskModel(nn.Module):
         return self.model.hidden_states(self.model.tok_embeddings(tokens), 0, pad_lens, segment_ids)
 
     @torch.no_grad()
-    def reference_logps(self, tokens, labels, pad_lens=None) -> torch.Tensor:
+    def reference_logps(self, tokens, labels, pad_lens=None, fused: bool | None = None) -> torch.Tensor:
         """The reference model's summed answer log-probs [rows], without gradients: this model
         with its method switched off (see `reference`), or as it is now for a method that can't
-        be (full, freeze: called once before training, precompute_ref)."""
+        be (full, freeze: called once before training, precompute_ref). fused: see token_losses."""
         with self.reference() if self.reference else contextlib.nullcontext():
-            return sequence_logps(self.encode(tokens, pad_lens), self.transformer.output, labels)[0]
+            return sequence_logps(self.encode(tokens, pad_lens), self.transformer.output, labels, fused)[0]
 
     def forward(self, tokens, labels, pad_lens=None, segment_ids=None, ref_logps=None):
         """tokens [batch, seq]; labels [batch, seq] token ids (-100 = no loss) for LM tasks and
@@ -166,7 +170,8 @@ class TaskModel(nn.Module):
             if ref_logps is None:
                 if self.reference is None:  # the model itself would be its own moving reference
                     raise RuntimeError("method trains the base: dpo needs precompute_ref")
-                ref_logps = self.reference_logps(tokens, labels, pad_lens)
+                # the policy's own arithmetic: a fresh LoRA's rewards are then exactly 0, not rounding noise
+                ref_logps = self.reference_logps(tokens, labels, pad_lens, fused=torch.is_grad_enabled())
             logps, lengths = sequence_logps(self.encode(tokens, pad_lens), self.transformer.output, labels)
             loss, metrics = dpo_loss(logps, ref_logps, lengths, self.dpo)
             return loss, torch.tensor(tokens.shape[0] // 2, device=loss.device), metrics

@@ -98,10 +98,10 @@ def train(cfg: TrainConfig) -> dict:
     write_outputs(run)
     if run.match_set:
         results["exact_match_after"] = match_rate(run, "after")
-    if run.cfg.task in PAIR_TASKS and run.eval_items:
-        results["preference_accuracy_after"] = preference_rate(run, "after")
+    if run.cfg.task in PAIR_TASKS and run.eval_items:  # the last step's eval has it
+        results["preference_accuracy_after"] = preference_rate(run, "after", results)
     if run.rank == 0:
-        plot_losses(run.out_dir / "loss.png", *read_losses(run.metrics_path))
+        plot_losses(run.out_dir / "loss.png", *read_losses(run.metrics_path, PLOTTED_ACCURACY.get(run.cfg.task)))
     return results
 
 
@@ -410,10 +410,12 @@ def evaluate(run: Run) -> dict:
                         run.autocast, run.dp_rank, run.dp, run.dp_group)
 
 
-def preference_rate(run: Run, when: str) -> float:
+def preference_rate(run: Run, when: str, evaluated: Optional[dict] = None) -> float:
     """The share of eval pairs whose chosen answer the model prefers: the reward model scores it
-    higher (rm), or the policy gives it the higher log-prob (dpo: logps/accuracies)."""
-    rate = evaluate(run)["eval_accuracy" if run.cfg.task == "rm" else "eval_logps/accuracies"]
+    higher (rm), or the policy gives it the higher log-prob (dpo: logps/accuracies). From
+    `evaluated` (eval metrics of the model as it is now) if given."""
+    key = "eval_accuracy" if run.cfg.task == "rm" else "eval_logps/accuracies"
+    rate = (evaluated if evaluated and key in evaluated else evaluate(run))[key]
     run.say(f"preference accuracy {when} training: {rate:.1%} of {len(run.eval_items)} eval pairs")
     return rate
 
@@ -582,7 +584,12 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())
 
 
-def read_losses(path: Path) -> tuple[list, list]:
+PLOTTED_ACCURACY = {"rm": "eval_accuracy", "dpo": "eval_rewards/accuracies"}  # beside the losses in loss.png
+
+
+def read_losses(path: Path, accuracy: Optional[str] = None) -> tuple[list, list, list]:
+    """(step, value) series of metrics.jsonl: training loss, eval loss, and the metric `accuracy`."""
     records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
     return ([(r["step"], r["loss"]) for r in records if "loss" in r],
-            [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r])
+            [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
+            [(r["step"], r[accuracy]) for r in records if accuracy in r])
