@@ -65,13 +65,14 @@ def demo_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
-# The preference demo's facts, told by no other demo file: what each object eats. Before DPO the
-# SFT model can only guess which of two foods is right; the pairs teach it.
+# The preference demo's facts, told by no other demo file: what each object eats (another
+# object: words the demo tokenizer holds whole, so each answer is one token and eos). Before DPO
+# the SFT model can only guess which of two foods is right; the pairs teach it.
 FOODS = {
-    "banana": "sugar", "frog": "flies", "crow": "corn", "tomato": "rain", "swan": "weeds", "plum": "sun",
-    "fox": "eggs", "whale": "krill", "pig": "apples", "bear": "honey", "lemon": "salt", "snow": "clouds",
-    "grass": "mud", "crab": "sand", "mouse": "cheese", "owl": "mice", "shark": "fish", "camel": "dates",
-    "lime": "sugar", "flamingo": "shrimp", "raven": "seeds", "cherry": "rain", "goose": "bread", "eel": "worms",
+    "banana": "mouse", "frog": "cherry", "crow": "tomato", "tomato": "grass", "swan": "bird", "plum": "shark",
+    "fox": "swan", "whale": "banana", "pig": "cherry", "bear": "grass", "lemon": "bird", "snow": "tomato",
+    "grass": "mouse", "crab": "banana", "mouse": "shark", "owl": "swan", "shark": "tomato", "camel": "grass",
+    "lime": "cherry", "flamingo": "mouse", "raven": "banana", "cherry": "bird", "goose": "shark", "eel": "swan",
 }
 FOOD_QUESTIONS = ["What does the {o} eat?", "Tell me what the {o} eats.", "Name the food of the {o}.",
                   "The {o} eats what?"]
