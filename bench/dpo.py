@@ -8,7 +8,8 @@ weights, same pairs, same batch.
 LoRA r 8, alpha 16, no dropout, on q and v; sigmoid loss, beta 0.1; AdamW lr 1e-4. Every pair
 has the same prompt and answer lengths, so neither side pads (ours pads left, TRL right) and both
 compute on the same [2 x pairs, prompt + answer] tokens. TRL's vocabulary is a word-level
-tokenizer of the bench model's 32000 ids ("t17" -> 17), so its text round-trips to our ids.
+tokenizer of the bench model's 32000 ids ("t17" -> 17; 0, 1, 2 are <pad>, <s>, </s>), so
+its text round-trips to our ids (checked).
 Ours is the trainer's own pieces (`finetune.adapters.attach`, `TaskModel`, `collate`, the
 trainer's AdamW); TRL's is `DPOTrainer.train()`, each step timed from its callback's
 on_step_begin to on_step_end (forward of policy and reference, backward, optimizer step).
@@ -75,14 +76,15 @@ def trl_steps(a, dtype, steps: int) -> tuple[list[float], list[float]]:
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import DPOTrainer
 
-    vocab = {f"t{i}": i for i in range(BENCH_58M["vocab_size"])}
-    word_level = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    # the special tokens' names must not occur inside other words ("t1" in "t154"): HF matches them anywhere
+    names = ["<pad>", "<s>", "</s>"] + [f"t{i}" for i in range(3, BENCH_58M["vocab_size"])]
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="<pad>"))
     word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="t1", eos_token="t2", pad_token="t0",
-                                        unk_token="t0")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<pad>")
 
     def text(ids):
-        return "".join(f" t{i}" for i in ids)
+        return "".join(f" {names[i]}" for i in ids)
 
     # the answers' eos is in the text already; TRL adds none when it is there
     rows = [{"prompt": text(p), "chosen": text(c), "rejected": text(r)} for p, c, r in pairs_of(a)]
@@ -109,6 +111,9 @@ def trl_steps(a, dtype, steps: int) -> tuple[list[float], list[float]]:
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]),
                          callbacks=[Timer()])
+    first = trainer.train_dataset[0]
+    if (first["prompt_ids"], first["chosen_ids"], first["rejected_ids"]) != pairs_of(a)[0]:
+        raise RuntimeError("TRL's tokens are not our pairs'")  # the comparison would not be like for like
     trainer.train()
     return times[2:], losses
 

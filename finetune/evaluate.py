@@ -41,8 +41,9 @@ def eval_metrics(task_model: TaskModel, items: list, batch_size: int, pad_id: in
         count += float(n)
         if task_model.task == "cls":
             correct += (extra.argmax(-1) == b["labels"]).sum().item()
-        for name, value in (extra.items() if isinstance(extra, dict) else ()):
-            metric_sums[name] = metric_sums.get(name, 0.0) + value.item()
+        if isinstance(extra, dict):  # rm, dpo: metric sums over the batch's pairs (one device sync)
+            for name, value in zip(extra, torch.stack(list(extra.values())).tolist()):
+                metric_sums[name] = metric_sums.get(name, 0.0) + value
     loss_sum, count, correct, *sums = all_reduce_sum([loss_sum, count, correct, *metric_sums.values()], dp_group, device)
     task_model.train()
     mean = loss_sum / max(count, 1.0)

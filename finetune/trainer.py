@@ -318,8 +318,9 @@ def train_step(run: Run, step: int) -> dict:
             scaled = loss * (run.dp / max(step_count, 1.0))
             (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         loss_sum += loss.item()
-        for name, value in (extra.items() if isinstance(extra, dict) else ()):  # rm, dpo: sums over pairs
-            metric_sums[name] = metric_sums.get(name, 0.0) + value.item()
+        if isinstance(extra, dict):  # rm, dpo: metric sums over the micro-batch's pairs (one device sync)
+            for name, value in zip(extra, torch.stack(list(extra.values())).tolist()):
+                metric_sums[name] = metric_sums.get(name, 0.0) + value
     # the metrics are means over the step's pairs, as the loss: summed over ranks, then divided
     sums = all_reduce_sum([loss_sum, *metric_sums.values()], run.dp_group, device)
     step_loss = sums[0] / max(step_count, 1.0)

@@ -1,9 +1,10 @@
 """Task dpo against independent references.
 
-The loss and its gradient: TRL 1.16 has no standalone DPO loss function (it lives inside
-DPOTrainer._compute_loss), so the reference is a float64 re-derivation of TRL's formulas on HF's
-LlamaForCausalLM with PEFT's LoRA: each answer's summed log-prob computed one unpadded sequence
-at a time, the reference with PEFT's adapter disabled. Also: the adapter-disabled reference
+The loss and its gradient: TRL's own DPOTrainer (sigmoid, IPO) on HF's LlamaForCausalLM with
+PEFT's LoRA; and, since TRL 1.16 has no standalone loss function and its sigmoid loss no longer
+takes label smoothing, a float64 re-derivation of the formulas (sigmoid, label-smoothed, IPO) on
+the same HF + PEFT model, each answer's summed log-prob computed one unpadded sequence at a time,
+the reference with PEFT's adapter disabled. Also: the adapter-disabled reference
 equals the base model's log-probs (LoRA and prompt tuning), and whole runs (first step ln 2,
 TRL's metric names, exact mid-epoch resume, full fine-tuning with precompute_ref, an int4 base).
 """
@@ -127,6 +128,62 @@ def test_loss_and_gradient_match_a_float64_peft_reference(kind, eps, beta):
             scale = theirs_w.grad.abs().max().item()
             assert scale > 0
             assert (mine.grad.double() - theirs_w.grad).abs().max().item() <= 1e-4 * scale, path
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo"])
+def test_loss_and_gradient_match_trls_dpo_trainer(tmp_path, kind):
+    """TRL's own DPOTrainer (1.16: its collator, its reference through PEFT's disable_adapter, its
+    loss and fused LM head) on HF's model with our LoRA weights: the same loss and LoRA gradients.
+    A word-level tokenizer of the tiny vocabulary ("t17" -> 17) makes its text our ids."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer as WordTokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    beta = 0.2
+    ours = lora_task_model(11, dpo_beta=beta, dpo_loss=kind)
+    theirs = peft_twin(ours).float()
+    pairs = [PairExample(p.prompt, p.chosen + [2], p.rejected + [2]) for p in random_pairs(12)]  # answers end in eos
+    loss_sum, count, _ = ours(**collate(pairs, 0, "dpo"))
+    (loss_sum / count).backward()
+
+    # the special tokens' names must not occur inside other words ("t1" in "t154"): HF matches
+    # them anywhere in the text
+    names = ["<pad>", "<s>", "</s>"] + [f"t{i}" for i in range(3, 384)]
+    words = WordTokenizer(models.WordLevel({w: i for i, w in enumerate(names)}, unk_token="<pad>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<pad>")
+    text = lambda ids: "".join(f" {names[i]}" for i in ids)  # noqa: E731
+    data = Dataset.from_list([{"prompt": text(p.prompt), "chosen": text(p.chosen), "rejected": text(p.rejected)}
+                              for p in pairs])
+    args = trl.DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[kind], max_length=None, report_to=[],
+                         use_cpu=True, per_device_train_batch_size=len(pairs))
+    trainer = trl.DPOTrainer(model=theirs, args=args, train_dataset=data, processing_class=tokenizer)
+    # handed a trained adapter, TRL copies it as a "ref" adapter (the reference = the model as it
+    # starts); ours is the base alone, which that copy computes with its B at zero
+    refs = [p for name, p in trainer.model.named_parameters() if ".ref." in name and "lora_B" in name]
+    assert refs
+    with torch.no_grad():
+        for p in refs:
+            p.zero_()
+    rows = [trainer.train_dataset[i] for i in range(len(pairs))]
+    assert [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows] == \
+        [(p.prompt, p.chosen, p.rejected) for p in pairs]  # TRL trains on our pairs' tokens
+    batch = trainer.data_collator(rows)
+    trainer.model.train()
+    want = trainer.compute_loss(trainer.model, batch)
+    want.backward()
+    assert (loss_sum / count).item() == pytest.approx(want.item(), rel=1e-5)
+    assert abs(want.item() - (math.log(2) if kind == "sigmoid" else 1 / (4 * beta**2))) > 1e-3  # policy != reference
+    modules = dict(trainer.model.named_modules())
+    for path, layer in lora_layers(ours.model).items():
+        ref = modules[peft_module_name(path)]
+        for mine, theirs_w in ((layer.lora_A.weight, ref.lora_A["default"].weight),
+                               (layer.lora_B.weight, ref.lora_B["default"].weight)):
+            scale = theirs_w.grad.abs().max().item()
+            assert scale > 0
+            assert (mine.grad - theirs_w.grad).abs().max().item() <= 1e-4 * scale, path
 
 
 def test_a_fresh_adapter_is_its_own_reference():
