@@ -133,7 +133,8 @@ def ensure_demo_model(model_dir=MODEL_DIR, data_dir=DATA_DIR, model_args: dict =
     pt) on data/demo/pretrain.jsonl. Every torchrun rank calls this; rank 0 writes the files.
     model_args: the ModelArgs shape (benchmarks build wider variants)."""
     out, data = Path(model_dir), Path(data_dir)
-    if (out / "params.json").is_file() and (out / "tokenizer.model").is_file():
+    # built: the pretraining run writes it as merge_format says (hf: config.json; ours: params.json)
+    if any((out / f).is_file() for f in ("params.json", "config.json")) and (out / "tokenizer.model").is_file():
         return out
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     work = out.with_name(out.name + ".build")
