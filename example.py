@@ -127,7 +127,7 @@ def use_adapter(generator, adapter_dir: str, max_batch_size: int, max_seq_len: i
     from finetune.adapters import load_adapter, read_adapter
 
     config, ours = read_adapter(adapter_dir)
-    if ours.get("task") in ("cls", "regression"):
+    if ours.get("task") in ("cls", "regression", "rm"):
         raise LlamaInputError(f"{adapter_dir}: a {ours['task']} adapter scores text; example.py generates text")
     generator.model.clear_caches()
     generator.model = load_adapter(generator.model, adapter_dir)

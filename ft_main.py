@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node 4 ft_main.py --config torchrun_configs/7B_prompt_tp4.toml
     python ft_main.py --config torchrun_configs/demo.toml --lr 1e-3     # any key overrides the TOML
+    python ft_main.py --config torchrun_configs/demo_dpo.toml           # DPO on top of the SFT demo
 
 With no arguments it runs the embedded demo on CPU (torchrun_configs/demo.toml): a tiny LLaMA
 built on first use, LoRA-tuned on a bundled instruction task, with exact match before and after.
@@ -26,9 +27,11 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(argv, default_config=None if "--config" in argv else DEMO_CONFIG)
         if not cfg.ckpt_dir:
-            from finetune.demo import ensure_demo_model
+            from finetune.demo import ensure_demo_adapter, ensure_demo_model
 
             cfg.ckpt_dir = str(ensure_demo_model())
+            if cfg.init_adapter:  # the DPO demo starts from the SFT demo's adapter
+                ensure_demo_adapter(cfg.init_adapter)
         try:
             train(cfg)
         finally:

@@ -22,11 +22,13 @@ from llama.model import Transformer
 from llama.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter_config
 from llama.tokenizers import Tokenizer
 from finetune.heads import SCORE_TASKS, ScoreHead, TaskModel
+from finetune.methods.lora import lora_layers
 from finetune.methods import base_transformer, get_method, method_for_peft_type
+from finetune.tasks.dpo import DPOSettings
 
 
 def attach(model: Transformer, cfg, tokenizer: Tokenizer, num_labels: int = 0) -> TaskModel:
-    """Freeze the model, add cfg.method's trainable part (and a score head for cls/regression).
+    """Freeze the model, add cfg.method's trainable part (and a score head for cls, regression and rm).
     Trainable parameters are float32 whatever the base dtype."""
     model.requires_grad_(False)
     model = get_method(cfg.method).attach(model, cfg, tokenizer)
@@ -35,7 +37,10 @@ def attach(model: Transformer, cfg, tokenizer: Tokenizer, num_labels: int = 0) -
         transformer = base_transformer(model)
         transformer.output.requires_grad_(False)  # a score head replaces it (and DDP rejects unused parameters)
         head = ScoreHead(transformer.args.dim, num_labels if cfg.task == "cls" else 1, device=transformer.norm.weight.device)
-    task_model = TaskModel(model, cfg.task, head)
+    method = get_method(cfg.method)
+    reference = (lambda: method.reference(model)) if method.has_reference else None
+    task_model = TaskModel(model, cfg.task, head, DPOSettings(cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing),
+                           reference)
     mark_split_params(task_model.transformer)
     return task_model
 
@@ -107,6 +112,21 @@ def read_adapter(adapter_dir) -> tuple[dict, dict]:
     except json.JSONDecodeError as e:
         raise LlamaInputError(f"{folder / 'finetune.json'}: malformed ({e})") from None
     return config, ours
+
+
+def fold_adapter(model: Transformer, adapter_dir) -> None:
+    """Fold a saved LoRA adapter (ours or PEFT's) into a loaded float model's weights, in place:
+    the model becomes the fine-tuned one, plain again, so a new method can be attached on top
+    (init_adapter: DPO after SFT, whose reference is then the SFT model)."""
+    config, _ = read_adapter(adapter_dir)
+    if config.get("peft_type") != "LORA":
+        raise LlamaInputError(f"init_adapter {adapter_dir}: a {config.get('peft_type')} adapter can't be folded into "
+                              "the weights; give a LoRA adapter")
+    load_adapter(model, adapter_dir)
+    for path, layer in lora_layers(model).items():
+        layer.merge()
+        parent, child = path.rsplit(".", 1)
+        setattr(model.get_submodule(parent), child, layer.base)
 
 
 def load_adapter(model: Transformer, adapter_dir):

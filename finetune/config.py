@@ -10,6 +10,7 @@ from pathlib import Path
 from llama.errors import LlamaInputError
 from finetune.data import TEMPLATES
 from finetune.methods import METHODS
+from finetune.tasks.dpo import DPO_LOSSES
 
 
 def _key(default, help: str, group: str, **kw):
@@ -32,6 +33,9 @@ class TrainConfig:
                                 "FSDP2: parameters, gradients and optimizer state split across ranks)", "model")
     cpu_offload: bool = _key(False, "fsdp: keep the sharded parameters, gradients and optimizer state in host memory "
                                     "(CPUOffloadPolicy)", "model")
+    init_adapter: str = _key("", "a LoRA adapter folder (ours or PEFT's) folded into the base weights on load, so the "
+                                 "run starts from that fine-tuned model (e.g. DPO after SFT: dpo's reference is then "
+                                 "the SFT model)", "model")
     # [method]
     method: str = _key("lora", "lora, prompt (prompt tuning), full, or freeze (train only the last train_layers blocks)", "method")
     lora_r: int = _key(8, "LoRA rank", "method")
@@ -44,18 +48,27 @@ class TrainConfig:
     prompt_init_text: str = _key("Answer the question.", "prompt tuning: text whose embeddings start the prompt", "method")
     train_layers: int = _key(2, "freeze: how many of the last transformer blocks to train", "method")
     # [data]
-    task: str = _key("sft", "sft (instructions), pt (plain text), cls (classification), regression", "data")
+    task: str = _key("sft", "sft (instructions), pt (plain text), cls (classification), regression, rm (a reward "
+                            "model's score head on preference pairs), dpo (direct preference optimisation)", "data")
     train_file: str = _key("", "training data: JSON array or JSONL", "data")
     eval_file: str = _key("", "evaluation data (default: eval_split of train_file held out)", "data")
     eval_split: float = _key(0.05, "fraction of train_file held out for eval when there is no eval_file", "data")
-    template: str = _key("auto", "sft prompt template: auto (llama3-chat with a Llama-3 tokenizer, else alpaca), "
+    template: str = _key("auto", "sft, rm and dpo prompt template: auto (llama3-chat with a Llama-3 tokenizer, else alpaca), "
                                "alpaca, vicuna, llama2-chat, llama3-chat or plain", "data")
     train_on_prompt: bool = _key(False, "also compute the loss on prompt tokens", "data")
-    cutoff_len: int = _key(512, "longest sample in tokens; longer ones are cut (pt: split)", "data")
+    cutoff_len: int = _key(512, "longest sample in tokens; longer ones are cut (pt: split; rm, dpo: the prompt loses "
+                                "its first tokens after bos, and a pair whose longer answer does not fit is dropped)", "data")
     packing: bool = _key(False, "pack several samples into one row (attention stays inside each sample)", "data")
     strict: bool = _key(False, "stop at the first malformed data row instead of skipping it", "data")
     label_names: list = _key([], "cls: class names in label order (default: the sorted labels found)", "data")
     shuffle: bool = _key(True, "shuffle the training data each epoch", "data")
+    dpo_beta: float = _key(0.1, "dpo: beta, how far the policy may move from the reference (larger: less)", "data")
+    dpo_loss: str = _key("sigmoid", "dpo: sigmoid (DPO) or ipo (IPO, on length-averaged log-probs)", "data")
+    dpo_label_smoothing: float = _key(0.0, "dpo sigmoid: the fraction of pairs assumed mislabelled (conservative DPO), "
+                                           "0 <= x < 0.5", "data")
+    precompute_ref: bool = _key(False, "dpo: compute the reference log-probs of every pair once before training "
+                                       "(out_dir/ref_logps.safetensors, reused on resume); needed by methods full and "
+                                       "freeze, whose base trains; lora and prompt switch themselves off instead", "data")
     # [train]
     out_dir: str = _key("runs/ft", "where checkpoints, metrics.jsonl, loss.png and the adapter go", "train")
     seed: int = _key(42, "seed for adapter init, data order and dropout", "train")
@@ -87,7 +100,8 @@ class TrainConfig:
 
     def check(self) -> "TrainConfig":
         choices = {
-            "method": tuple(METHODS), "task": ("sft", "pt", "cls", "regression"),
+            "method": tuple(METHODS), "task": ("sft", "pt", "cls", "regression", "rm", "dpo"),
+            "dpo_loss": DPO_LOSSES,
             "precision": ("auto", "bf16", "fp16", "fp32"), "quant": ("none", "int4", "nf4"),
             "prompt_init": ("text", "vocab", "random"), "dtype": ("auto", "bfloat16", "float16", "float32"),
             "template": ("auto",) + TEMPLATES, "merge_format": ("hf", "pth", "gguf", "ours"),
@@ -101,6 +115,18 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise LlamaInputError(f"{key} must be at least 1")
         method = METHODS[self.method]
+        if self.dpo_beta <= 0:
+            raise LlamaInputError(f"dpo_beta must be positive, got {self.dpo_beta}")
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            raise LlamaInputError(f"dpo_label_smoothing must be in [0, 0.5), got {self.dpo_label_smoothing}")
+        if self.dpo_label_smoothing and self.dpo_loss != "sigmoid":
+            raise LlamaInputError(f"dpo_label_smoothing applies to dpo_loss 'sigmoid', not {self.dpo_loss!r}")
+        if self.task == "dpo" and not method.has_reference and not self.precompute_ref:
+            raise LlamaInputError(f"task dpo with method {self.method} trains the base, so it can't be its own reference: "
+                                  "set precompute_ref = true (the reference log-probs computed once before training)")
+        if self.init_adapter and self.quant != "none":
+            raise LlamaInputError(f"init_adapter is folded into float base weights; quant = {self.quant!r} keeps them "
+                                  "quantized: merge the adapter first (python -m llama.export --adapter), then quantize")
         if self.quant != "none" and method.trains_base:
             frozen = " or ".join(name for name, m in METHODS.items() if not m.trains_base)
             raise LlamaInputError(f"quant = {self.quant!r} keeps the base frozen: use method {frozen}, "

@@ -6,11 +6,20 @@ Row formats (detected from the first row's keys):
     sharegpt  {"conversations": [{"from": "system"|"human"|"gpt", "value"}]}
     text      {"text"}                      (task pt: plain language modelling)
     labelled  {"text", "label"}             (tasks cls and regression)
+    preference, for tasks rm and dpo: a prompt and two answers, the chosen one preferred:
+              {"instruction", "input"?, "chosen", "rejected"}          (LLaMA-Factory's ranking rows)
+              {"prompt", "chosen", "rejected"}                         (TRL's; strings, or lists of
+                                                                        {"role", "content"} messages)
+              {"chosen", "rejected"}  whole conversations, their common prefix the prompt
+                                      (Anthropic HH: text; or lists of messages)
+              {"conversations", "chosen", "rejected"}                  (sharegpt: the answers are
+                                                                        {"from": "gpt", "value"} messages)
 """
+
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +41,9 @@ VICUNA_SYSTEM = (
 TEMPLATES = ("alpaca", "vicuna", "llama2-chat", "llama3-chat", "plain")
 
 
+PAIR_TASKS = ("rm", "dpo")  # tasks that read preference pairs
+
+
 @dataclass
 class Example:
     """One tokenized sample: ids [seq], labels [seq] (token ids with IGNORE on prompt slots for LM
@@ -39,6 +51,22 @@ class Example:
     ids: list[int]
     labels: list[int] | int | float
     prompt_len: int = 0
+
+
+@dataclass
+class PairExample:
+    """One tokenized preference pair: the prompt's ids (bos first) and the two answers' ids (each
+    ending as an SFT answer does: eos, or <|eot_id|>), rendered exactly as SFT renders them.
+    ref: the reference model's summed answer log-probs (chosen, rejected), once precomputed."""
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    ref: tuple[float, float] | None = None
+
+    def sequences(self) -> tuple[Example, Example]:
+        """(chosen, rejected) as SFT examples: the loss on the answer's tokens only."""
+        return tuple(Example(self.prompt + answer, [IGNORE] * len(self.prompt) + answer, len(self.prompt))
+                     for answer in (self.chosen, self.rejected))
 
 
 # --- reading ---------------------------------------------------------------------------------
@@ -82,6 +110,8 @@ def report(message: str, strict: bool) -> None:
 
 
 def detect_row_format(row: dict) -> str:
+    if "chosen" in row or "rejected" in row:
+        return "preference"
     if "conversations" in row:
         return "sharegpt"
     if "instruction" in row:
@@ -89,7 +119,8 @@ def detect_row_format(row: dict) -> str:
     if "text" in row:
         return "labelled" if "label" in row else "text"
     raise LlamaInputError(f"cannot tell the data format from keys {sorted(row)}: expected alpaca "
-                          "(instruction/output), sharegpt (conversations), text, or text + label")
+                          "(instruction/output), sharegpt (conversations), text, text + label, or "
+                          "preference pairs (chosen/rejected)")
 
 
 def conversation(row: dict, fmt: str) -> tuple[str | None, list[tuple[str, str]]]:
@@ -191,22 +222,30 @@ class DataConfig:
     label_names: tuple[str, ...] = ()  # cls: class names in label order (default: sorted labels seen)
 
 
-def load_examples(path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list[Example], list[str]]:
-    """Read and tokenize a file for cfg.task. Returns (examples, class names for cls)."""
-    if cfg.task == "sft":
+def load_examples(path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list, list[str]]:
+    """Read and tokenize a file for cfg.task. Returns (examples, class names for cls); the
+    examples are PairExamples for the preference tasks (rm, dpo)."""
+    if cfg.task in ("sft",) + PAIR_TASKS:
         check_cutoff_len(cfg, tokenizer)
     rows, malformed = read_rows(path, cfg.strict)
     if not rows:
         raise LlamaInputError(f"{path}: no usable rows" + (f": {dropped_rows(malformed, malformed, 0, cfg)}"
                                                            if malformed else " (the file holds no data)"))
     fmt = detect_row_format(rows[0][1])
-    wanted = {"sft": ("alpaca", "sharegpt"), "pt": ("text", "labelled"), "cls": ("labelled",), "regression": ("labelled",)}
+    wanted = {"sft": ("alpaca", "sharegpt"), "pt": ("text", "labelled"), "cls": ("labelled",), "regression": ("labelled",),
+              "rm": ("preference",), "dpo": ("preference",)}
     if cfg.task not in wanted:
-        raise LlamaInputError(f"unknown task {cfg.task!r}; choose from sft, pt, cls, regression")
+        raise LlamaInputError(f"unknown task {cfg.task!r}; choose from {', '.join(wanted)}")
     if fmt not in wanted[cfg.task]:
-        where = rows[0][0]
-        need = "a 'label' column" if cfg.task in ("cls", "regression") else f"{' or '.join(wanted[cfg.task])} rows"
-        raise LlamaInputError(f"{where}: task {cfg.task} needs {need}, but the row has keys {sorted(rows[0][1])}")
+        where, keys = rows[0][0], sorted(rows[0][1])
+        if fmt == "preference":
+            raise LlamaInputError(f"{where}: a preference row (chosen/rejected), which task {cfg.task} does not read: "
+                                  f"tasks {' and '.join(PAIR_TASKS)} do")
+        need = "a 'label' column" if cfg.task in ("cls", "regression") else \
+            "preference rows (chosen and rejected answers)" if cfg.task in PAIR_TASKS else f"{' or '.join(wanted[cfg.task])} rows"
+        raise LlamaInputError(f"{where}: task {cfg.task} needs {need}, but the row has keys {keys}")
+    if cfg.task in PAIR_TASKS:
+        return load_pairs(path, rows, malformed, tokenizer, cfg), []
     label_names = list(cfg.label_names)
     if cfg.task == "cls" and not label_names:
         label_names = sorted({str(r["label"]) for _, r in rows if "label" in r})
@@ -238,14 +277,48 @@ def load_examples(path, tokenizer: Tokenizer, cfg: DataConfig) -> tuple[list[Exa
     return examples, label_names
 
 
-def dropped_rows(total: int, malformed: int, too_long: int, cfg: DataConfig) -> str:
+def load_pairs(path, rows: list, malformed: int, tokenizer: Tokenizer, cfg: DataConfig) -> list[PairExample]:
+    """The preference rows of a file as pairs that fit cutoff_len. Malformed rows are reported
+    (fatal with strict); pairs whose answers are the same, or whose longer answer does not fit
+    cutoff_len, are counted and dropped, in one warning (one error if nothing is left)."""
+    pairs, same, too_long, total = [], 0, 0, len(rows) + malformed
+    for where, row in rows:
+        try:
+            pair = make_pair(row, tokenizer, cfg.template)
+        except LlamaInputError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            report(f"{where}: {f'missing {e}' if isinstance(e, KeyError) else e}", cfg.strict)
+            malformed += 1
+            continue
+        if pair.chosen == pair.rejected:
+            same += 1  # no preference to learn: both terms of the loss cancel
+            continue
+        fitted = fit_pair(pair, cfg.cutoff_len)
+        if fitted is None:
+            too_long += 1
+            continue
+        pairs.append(fitted)
+    dropped = dropped_rows(total, malformed, too_long, cfg, same)
+    if not pairs:
+        raise LlamaInputError(f"{path}: no usable pairs: {dropped}")
+    if same or too_long:
+        print(f"warning: {path}: {dropped_rows(total, 0, too_long, cfg, same)}", file=sys.stderr)
+    return pairs
+
+
+def dropped_rows(total: int, malformed: int, too_long: int, cfg: DataConfig, same: int = 0) -> str:
     """"dropped 7 of 10 rows: 2 malformed (warned above), 5 too long for cutoff_len 64 (...)"."""
     reasons = []
     if malformed:
         reasons.append(f"{malformed} malformed (warned above)")
+    if same:
+        reasons.append(f"{same} with the chosen answer equal to the rejected one")
     if too_long:
-        reasons.append(f"{too_long} too long for cutoff_len {cfg.cutoff_len} (the prompt fills it: no answer tokens left)")
-    return f"dropped {malformed + too_long} of {total} rows: {', '.join(reasons)}"
+        why = "the longer answer does not fit after bos" if cfg.task in PAIR_TASKS else \
+            "the prompt fills it: no answer tokens left"
+        reasons.append(f"{too_long} too long for cutoff_len {cfg.cutoff_len} ({why})")
+    return f"dropped {malformed + same + too_long} of {total} rows: {', '.join(reasons)}"
 
 
 def check_cutoff_len(cfg: DataConfig, tokenizer: Tokenizer) -> None:
@@ -280,6 +353,97 @@ def make_example(row: dict, fmt: str, tokenizer: Tokenizer, cfg: DataConfig, lab
     return Example(ids, label_names.index(str(label)))
 
 
+ROLES = {"system": "system", "human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+
+
+def as_sharegpt(messages) -> list[dict]:
+    """Messages as {"role", "content"} (TRL, OpenAI) or {"from", "value"} (sharegpt) -> sharegpt's."""
+    if not isinstance(messages, list):
+        raise TypeError(f"expected a list of messages, got {type(messages).__name__}")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict):
+            raise TypeError("a message is not a JSON object")
+        who, text = (m["role"], m["content"]) if "role" in m else (m["from"], m["value"])
+        if who not in ROLES or not isinstance(text, str):
+            raise ValueError(f"unexpected message from {who!r}")
+        out.append({"from": ROLES[who], "value": text})
+    return out
+
+
+def answer_text(answer) -> str:
+    """A chosen/rejected answer: a string, one message, or a list ending in the assistant's message."""
+    if isinstance(answer, str):
+        return answer
+    message = as_sharegpt(answer if isinstance(answer, list) else [answer])[-1]
+    if message["from"] != "gpt":
+        raise ValueError("the answer's last message is not the assistant's")
+    return message["value"]
+
+
+def make_pair(row: dict, tokenizer: Tokenizer, template: str) -> PairExample:
+    """A preference row in any of the forms of the module docstring -> its tokenized pair. The
+    prompt and each answer are rendered with the template as an SFT conversation ending in that
+    answer; whole-conversation text (HH) is tokenized as it is, its common prefix the prompt."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    if "instruction" in row:  # LLaMA-Factory: the prompt as alpaca renders it
+        history, alpaca_row = [], row
+        system, ((user, _),) = conversation({**row, "output": ""}, "alpaca")
+    else:
+        alpaca_row = None
+        if "conversations" in row:
+            history = as_sharegpt(row["conversations"])
+        elif "prompt" in row:
+            prompt = row["prompt"]
+            history = [{"from": "human", "value": prompt}] if isinstance(prompt, str) else as_sharegpt(prompt)
+        elif isinstance(chosen, str) and isinstance(rejected, str):
+            return text_pair(tokenizer, chosen, rejected)
+        else:  # whole conversations as messages: the common messages are the prompt
+            chosen, rejected = as_sharegpt(chosen), as_sharegpt(rejected)
+            shared = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+            history, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
+            if len(chosen) != 1 or len(rejected) != 1:
+                raise ValueError("chosen and rejected conversations must differ in their last message only")
+        if not history or history[-1]["from"] != "human":
+            raise ValueError("the prompt must end with a user message")
+    seqs = []
+    for answer in (answer_text(chosen), answer_text(rejected)):
+        if alpaca_row is None:
+            system, turns = conversation({"conversations": history + [{"from": "gpt", "value": answer}]}, "sharegpt")
+        else:
+            turns = [(user, answer)]
+        pieces = render(template, system, turns, alpaca_row, tokenizer)
+        prompt = tokenize_pieces(tokenizer, pieces[:-1], False).ids  # everything before the last answer
+        seqs.append((prompt, tokenize_pieces(tokenizer, pieces, False).ids[len(prompt):]))
+    (prompt, chosen_ids), (_, rejected_ids) = seqs
+    return PairExample(prompt, chosen_ids, rejected_ids)
+
+
+def text_pair(tokenizer: Tokenizer, chosen: str, rejected: str) -> PairExample:
+    """Whole conversations as text (Anthropic HH): the common prefix is the prompt. As TRL does, a
+    space that ends the prefix goes to the answers, so each answer starts with its own word."""
+    n = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    if 0 < n and chosen[n - 1] == " ":
+        n -= 1
+    if n == 0:
+        raise ValueError("chosen and rejected share no prompt")
+    prompt = tokenizer.encode(chosen[:n], bos=True, eos=False)
+    return PairExample(prompt, tokenizer.encode(chosen[n:], bos=False, eos=True),
+                       tokenizer.encode(rejected[n:], bos=False, eos=True))
+
+
+def fit_pair(pair: PairExample, cutoff_len: int) -> PairExample | None:
+    """The pair with its prompt cut to fit cutoff_len: tokens are dropped from the prompt's start
+    (after bos), keeping the words nearest the answers; None if the longer answer alone does not
+    fit after bos."""
+    room = cutoff_len - max(len(pair.chosen), len(pair.rejected))
+    if room < 1:
+        return None
+    if len(pair.prompt) <= room:
+        return pair
+    return replace(pair, prompt=pair.prompt[:1] + pair.prompt[len(pair.prompt) - room + 1:])
+
+
 def split_long(ex: Example, cutoff_len: int) -> list[Example]:
     """pt: a long text becomes several rows of cutoff_len tokens rather than being cut."""
     chunks = [ex.ids[i:i + cutoff_len] for i in range(0, len(ex.ids), cutoff_len)]
@@ -304,7 +468,17 @@ def pack(examples: list[Example], cutoff_len: int) -> list[list[Example]]:
 
 def collate(items: list, pad_id: int, task: str) -> dict[str, torch.Tensor]:
     """Left-pad a batch. Items are Examples, or lists of Examples (packed rows).
-    Returns tokens [batch, seq], labels, and pad_lens [batch] or segment_ids [batch, seq]."""
+    Returns tokens [batch, seq], labels, and pad_lens [batch] or segment_ids [batch, seq].
+    Preference pairs (tasks rm, dpo) become one batch of 2 * pairs rows, every pair's chosen
+    sequence first, then the rejected ones in the same order (one forward for both): tokens and
+    labels [2 * pairs, seq] (labels on the answers only), pad_lens [2 * pairs], and ref_logps
+    [2 * pairs] when every pair has its reference log-probs precomputed."""
+    if task in PAIR_TASKS:
+        chosen, rejected = zip(*(pair.sequences() for pair in items))
+        batch = collate(list(chosen + rejected), pad_id, "sft")
+        if all(pair.ref is not None for pair in items):
+            batch["ref_logps"] = torch.tensor([p.ref[0] for p in items] + [p.ref[1] for p in items], dtype=torch.float64)
+        return batch
     packed = isinstance(items[0], list)
     rows = [[t for ex in item for t in ex.ids] if packed else item.ids for item in items]
     width = max(map(len, rows))

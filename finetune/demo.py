@@ -23,7 +23,7 @@ from llama.config import ModelArgs
 from llama.errors import LlamaInputError
 from llama.files import atomic_write_bytes
 from llama.tiny import corpus, random_model, train_tokenizer
-from finetune.config import TrainConfig
+from finetune.config import TrainConfig, load_config
 from finetune.data import ALPACA_PREAMBLE
 from finetune.trainer import train
 
@@ -65,6 +65,37 @@ def demo_rows(seed: int = 0) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
+# The preference demo's facts, told by no other demo file: what each object eats (another
+# object: words the demo tokenizer holds whole, so each answer is one token and eos). Before DPO
+# the SFT model can only guess which of two foods is right; the pairs teach it.
+FOODS = {
+    "banana": "mouse", "frog": "cherry", "crow": "tomato", "tomato": "grass", "swan": "bird", "plum": "shark",
+    "fox": "swan", "whale": "banana", "pig": "cherry", "bear": "grass", "lemon": "bird", "snow": "tomato",
+    "grass": "mouse", "crab": "banana", "mouse": "shark", "owl": "swan", "shark": "tomato", "camel": "grass",
+    "lime": "cherry", "flamingo": "mouse", "raven": "banana", "cherry": "bird", "goose": "shark", "eel": "swan",
+}
+FOOD_QUESTIONS = ["What does the {o} eat?", "Tell me what the {o} eats.", "Name the food of the {o}.",
+                  "The {o} eats what?"]
+
+
+def preference_rows(seed: int = 0, wrong_per_question: int = 2) -> tuple[list[dict], list[dict]]:
+    """(train, eval) preference rows (LLaMA-Factory's ranking form): the right food chosen over a
+    wrong one drawn from the other objects' foods. Per object one phrasing is held out for eval,
+    as in demo_rows."""
+    rng = random.Random(seed)
+    foods = sorted(set(FOODS.values()))
+    train, held_out = [], []
+    for obj, food in FOODS.items():
+        phrasings = FOOD_QUESTIONS[:]
+        rng.shuffle(phrasings)
+        for k, q in enumerate(phrasings):
+            for wrong in rng.sample([f for f in foods if f != food], wrong_per_question):
+                row = {"instruction": q.format(o=obj), "input": "", "chosen": food, "rejected": wrong}
+                (held_out if k == 0 else train).append(row)
+    rng.shuffle(train)
+    return train, held_out
+
+
 PROSE = ["The {o} is {c}.", "A {o} is {c} and lives in the {h}.", "You can find the {o} in the {h}.",
          "In the {h} there is a {c} {o}.", "The {c} {o} lives in the {h}.", "Every {o} is {c}."]
 
@@ -91,6 +122,9 @@ def write_demo_data(folder=DATA_DIR) -> None:
     write_jsonl(Path(folder) / "train.jsonl", train)
     write_jsonl(Path(folder) / "eval.jsonl", held_out)
     write_jsonl(Path(folder) / "pretrain.jsonl", pretrain_rows())
+    train_pairs, eval_pairs = preference_rows()
+    write_jsonl(Path(folder) / "pref_train.jsonl", train_pairs)
+    write_jsonl(Path(folder) / "pref_eval.jsonl", eval_pairs)
 
 
 def ensure_demo_model(model_dir=MODEL_DIR, data_dir=DATA_DIR, model_args: dict = DEMO_ARGS) -> Path:
@@ -99,7 +133,8 @@ def ensure_demo_model(model_dir=MODEL_DIR, data_dir=DATA_DIR, model_args: dict =
     pt) on data/demo/pretrain.jsonl. Every torchrun rank calls this; rank 0 writes the files.
     model_args: the ModelArgs shape (benchmarks build wider variants)."""
     out, data = Path(model_dir), Path(data_dir)
-    if (out / "params.json").is_file() and (out / "tokenizer.model").is_file():
+    # built: the pretraining run writes it as merge_format says (hf: config.json; ours: params.json)
+    if any((out / f).is_file() for f in ("params.json", "config.json")) and (out / "tokenizer.model").is_file():
         return out
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     work = out.with_name(out.name + ".build")
@@ -137,6 +172,20 @@ def ensure_demo_model(model_dir=MODEL_DIR, data_dir=DATA_DIR, model_args: dict =
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+def ensure_demo_adapter(adapter_dir, model_dir=MODEL_DIR) -> Path:
+    """The SFT demo's adapter (the start of the DPO demo), trained first when missing: the SFT demo
+    (torchrun_configs/demo.toml) with its out_dir the adapter folder's parent."""
+    adapter = Path(adapter_dir)
+    if (adapter / "adapter_config.json").is_file():
+        return adapter
+    if adapter.name != "adapter":
+        raise LlamaInputError(f"init_adapter {adapter}: no adapter there (the demo builds only an SFT run's adapter/)")
+    print(f"building {adapter}: running the SFT demo (torchrun_configs/demo.toml) first")
+    train(load_config(["--config", str(ROOT / "torchrun_configs" / "demo.toml"), "--ckpt_dir", str(model_dir),
+                       "--out_dir", str(adapter.parent)]))
+    return adapter
 
 
 def main(argv=None) -> None:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 
 
 from finetune.config import TrainConfig, load_config, parser as config_parser
+from finetune.data import PAIR_TASKS
 from finetune.heads import SCORE_TASKS, LinearCrossEntropy
 from finetune.methods.lora import resolve_targets
 from llama.config import ModelArgs
@@ -115,14 +116,20 @@ class Setup:
     seq: int  # tokens per row through the blocks (cutoff_len, plus virtual tokens for prompt tuning)
 
     @property
+    def rows(self) -> int:
+        """Sequences per forward: micro_batch_size, or twice it for preference pairs (rm, dpo:
+        chosen and rejected in one batch)."""
+        return self.cfg.micro_batch_size * (2 if self.cfg.task in PAIR_TASKS else 1)
+
+    @property
     def tokens(self) -> int:
-        return self.cfg.micro_batch_size * self.seq
+        return self.rows * self.seq
 
     @property
     def targets(self) -> int:
         """Rows of the loss: batch * (seq - 1) next-token targets (every slot counted: the planner
         does not know how many the data masks out)."""
-        return self.cfg.micro_batch_size * (self.cfg.cutoff_len - 1)
+        return self.rows * (self.cfg.cutoff_len - 1)
 
 
 def resolve(cfg: TrainConfig, args: ModelArgs, devices: Devices, placement: str, quant: str) -> Setup:
@@ -292,7 +299,7 @@ def block_activation_bytes(setup: Setup, i: int, shard: int = 1) -> int:
     input needs none (its norm keeps nothing); frozen blocks below freeze's keep nothing at all.
     shard: tensor-parallel ranks hold heads / N and hidden / N, and the [T, dim] tensors whole."""
     a, args = setup.act_bytes, setup.args
-    d, T, B, S = args.dim, setup.tokens, setup.cfg.micro_batch_size, setup.seq
+    d, T, B, S = args.dim, setup.tokens, setup.rows, setup.seq
     q, kv, f = args.n_heads * args.head_dim // shard, args.n_kv_heads * args.head_dim // shard, args.ffn_hidden_dim // shard
     trained = i in setup.trained_blocks
     if setup.trains_outside or setup.cfg.method == "prompt":
@@ -370,7 +377,7 @@ def loss_activation_bytes(setup: Setup, shard: int = 1) -> int:
 def shared_activation_bytes(setup: Setup) -> int:
     """Per device that holds blocks: the rotations [batch, seq, head_dim/2] complex64 and the
     bool attention mask [batch, 1, seq, seq] the blocks share."""
-    B, S = setup.cfg.micro_batch_size, setup.seq
+    B, S = setup.rows, setup.seq
     return B * S * setup.args.head_dim * 4 + B * S * S
 
 

@@ -1,5 +1,7 @@
 """loss.png without a plotting library: training loss (blue) and eval loss (red) against the step,
-drawn into an RGB buffer and written as a PNG with zlib. Axis ends are labelled with a 3x5 font."""
+and for the preference tasks the eval preference accuracy (green: rm's accuracy, dpo's
+rewards/accuracies, in [0, 1] on the same axis), drawn into an RGB buffer and written as a PNG
+with zlib. Axis ends are labelled with a 3x5 font."""
 import struct
 import zlib
 
@@ -47,10 +49,12 @@ def _text(pixels, x: int, y: int, text: str, scale: int = 2) -> None:
         x += 4 * scale
 
 
-def plot_losses(path, train: list[tuple[int, float]], evals: list[tuple[int, float]]) -> None:
-    """Write a PNG of (step, loss) series to path, atomically."""
+def plot_losses(path, train: list[tuple[int, float]], evals: list[tuple[int, float]],
+                accuracies: list[tuple[int, float]] = ()) -> None:
+    """Write a PNG of (step, value) series to path, atomically."""
     pixels = bytearray(b"\xff" * (WIDTH * HEIGHT * 3))
-    points = train + evals
+    accuracies = list(accuracies)
+    points = train + evals + accuracies
     if points:
         steps = [s for s, _ in points]
         losses = [v for _, v in points]
@@ -65,7 +69,7 @@ def plot_losses(path, train: list[tuple[int, float]], evals: list[tuple[int, flo
 
         _line(pixels, MARGIN, HEIGHT - MARGIN, WIDTH - MARGIN, HEIGHT - MARGIN, (0, 0, 0))
         _line(pixels, MARGIN, MARGIN, MARGIN, HEIGHT - MARGIN, (0, 0, 0))
-        for series, rgb in ((train, (31, 119, 180)), (evals, (214, 39, 40))):
+        for series, rgb in ((train, (31, 119, 180)), (evals, (214, 39, 40)), (accuracies, (44, 160, 44))):
             for (a, b) in zip(series, series[1:]):
                 _line(pixels, *xy(*a), *xy(*b), rgb)
             for p in series:

@@ -12,6 +12,7 @@ one process with batch N*b, and gradient accumulation changes nothing but memory
 """
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
@@ -32,16 +34,16 @@ import quant  # noqa: F401  (registers the int4 and NF4 bases and GPTQ folders w
 from llama.distributed import data_parallel_group, model_parallel_rank, setup_model_parallel
 from llama.errors import LlamaInputError
 from llama.export import export
-from llama.files import atomic_write_bytes, check_parent
+from llama.files import atomic_write_bytes, check_parent, save_safetensors
 from llama.formats import detect_format, n_shards, read_model_args, save_checkpoint
 from llama.generation import parse_dtype
 from llama.loader import load_model
 from llama.placement import device_shares, place_layers, resolve_devices
 from llama.tokenizers import Tokenizer, check_vocab, find_tokenizer, tokenizer_file_name
-from finetune.adapters import attach, save_trained
+from finetune.adapters import attach, fold_adapter, save_trained
 from finetune.config import TrainConfig
-from finetune.data import DataConfig, Example, collate, load_examples, micro_batch, pack, resolve_template
-from finetune.evaluate import all_reduce_sum, eval_metrics, exact_match
+from finetune.data import PAIR_TASKS, DataConfig, Example, collate, load_examples, micro_batch, pack, resolve_template
+from finetune.evaluate import all_reduce_sum, eval_metrics, exact_match, reference_logps
 from finetune.heads import TaskModel
 from finetune.methods import Method, get_method
 from finetune.plot import plot_losses
@@ -89,6 +91,8 @@ def train(cfg: TrainConfig) -> dict:
     results = {}
     if run.match_set and run.start == 0:
         results["exact_match_before"] = match_rate(run, "before")
+    if run.cfg.task in PAIR_TASKS and run.start == 0 and run.eval_items:  # where preference training starts from
+        results["preference_accuracy_before"] = preference_rate(run, "before")
     bar = tqdm(range(run.start, run.total_steps), initial=run.start, total=run.total_steps, disable=run.rank != 0,
                desc="fine-tuning", dynamic_ncols=True, file=sys.stdout, mininterval=0.5 if sys.stdout.isatty() else 30)
     with StopSignals() as stop:
@@ -109,8 +113,10 @@ def train(cfg: TrainConfig) -> dict:
     write_outputs(run)
     if run.match_set:
         results["exact_match_after"] = match_rate(run, "after")
+    if run.cfg.task in PAIR_TASKS and run.eval_items:  # the last step's eval has it
+        results["preference_accuracy_after"] = preference_rate(run, "after", results)
     if run.rank == 0:
-        plot_losses(run.out_dir / "loss.png", *read_losses(run.metrics_path))
+        plot_losses(run.out_dir / "loss.png", *read_losses(run.metrics_path, PLOTTED_ACCURACY.get(run.cfg.task)))
     return results
 
 
@@ -174,6 +180,9 @@ def setup(cfg: TrainConfig) -> Run:
     if held and get_method(cfg.method).trains_base:
         raise LlamaInputError(f"{cfg.ckpt_dir}: holds {held} weights, which stay frozen: method {cfg.method} "
                               f"trains the base; use lora or prompt")
+    if held and cfg.init_adapter:
+        raise LlamaInputError(f"{cfg.ckpt_dir}: holds {held} weights, into which init_adapter can't be folded: fold it "
+                              f"into the float model first (python -m llama.export --adapter)")
     devices = resolve_devices(cfg.devices) if cfg.devices else None
     rank, world, device = setup_model_parallel("cpu" if devices else (cfg.device or None),
                                                tensor_parallel=shards if shards > 1 else 1)
@@ -199,6 +208,8 @@ def setup(cfg: TrainConfig) -> Run:
     else:
         model = load_model(cfg.ckpt_dir, args, dtype, device, model_parallel_rank(), tp,
                            quant=cfg.quant, group_size=cfg.quant_group_size)
+        if cfg.init_adapter:
+            fold_adapter(model, cfg.init_adapter)
         if devices:
             place_layers(model, devices, device_shares(devices))
             device = devices[0]
@@ -217,6 +228,8 @@ def setup(cfg: TrainConfig) -> Run:
     run = Run(cfg, get_method(cfg.method), rank, world, tp, dp, dp_rank, data_parallel_group(), device, dtype, tokenizer,
               task_model, rows, eval_items, label_names, global_batch, per_epoch, total_steps)
     setup_optimizer(run)
+    if cfg.task == "dpo" and cfg.precompute_ref:
+        precompute_reference(run)  # before resume: the reference is the model as it starts
     resume(run)
     run.say(f"training {sum(p.numel() for p in run.named.values()):,} parameters ({cfg.method}, {cfg.task}) on "
             f"{world} process(es): tensor-parallel {tp} x data-parallel {dp}{' (fsdp)' if is_sharded(task_model) else ''}; "
@@ -311,18 +324,24 @@ def train_step(run: Run, step: int) -> dict:
     local_count = sum(target_count(b, cfg.task) for b in batches)
     local_tokens = sum(int((b["tokens"] != run.tokenizer.pad_id).sum()) for b in batches)
     step_count, step_tokens = all_reduce_sum([local_count, local_tokens], run.dp_group, device)
-    loss_sum = 0.0
+    loss_sum, metric_sums = 0.0, {}
     for i, batch in enumerate(batches):
         batch = {k: v.to(device) for k, v in batch.items()}
         last = i == len(batches) - 1
         with gradient_sync(run.wrapped, last or run.dp == 1):
             with run.autocast():
-                loss, _, _ = run.wrapped(**batch)
+                loss, _, extra = run.wrapped(**batch)
             # DDP and FSDP average gradients over ranks; undo that so the step's loss is a plain mean
             scaled = loss * (run.dp / max(step_count, 1.0))
             (run.scaler.scale(scaled) if run.scaler else scaled).backward()
         loss_sum += loss.item()
-    step_loss = all_reduce_sum([loss_sum], run.dp_group, device)[0] / max(step_count, 1.0)
+        if isinstance(extra, dict):  # rm, dpo: metric sums over the micro-batch's pairs (one device sync)
+            for name, value in zip(extra, torch.stack(list(extra.values())).tolist()):
+                metric_sums[name] = metric_sums.get(name, 0.0) + value
+    # the metrics are means over the step's pairs, as the loss: summed over ranks, then divided
+    sums = all_reduce_sum([loss_sum, *metric_sums.values()], run.dp_group, device)
+    step_loss = sums[0] / max(step_count, 1.0)
+    metrics = {name: v / max(step_count, 1.0) for name, v in zip(metric_sums, sums[1:])}
     if not math.isfinite(step_loss):
         last_good = checkpoints(run.out_dir)
         raise TrainingDiverged(f"loss is {step_loss} at step {step + 1}; nothing saved over "
@@ -343,7 +362,8 @@ def train_step(run: Run, step: int) -> dict:
         run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": step_tokens / (time.perf_counter() - t0)}
+    return {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": step_tokens / (time.perf_counter() - t0),
+            "metrics": metrics}
 
 
 # --- logging, evaluation, checkpoints ----------------------------------------------------------
@@ -356,7 +376,8 @@ def after_step(run: Run, done: int, record: dict, save_now: bool = False) -> dic
     last = done == run.total_steps
     if done % cfg.log_every == 0 or last:
         log(run, {"step": done, "loss": record["loss"], "lr": record["lr"], "grad_norm": record["grad_norm"],
-                  "epoch": done * cfg.grad_accum / run.per_epoch, "tokens_per_s": record["tokens_per_s"]})
+                  "epoch": done * cfg.grad_accum / run.per_epoch, "tokens_per_s": record["tokens_per_s"],
+                  **record.get("metrics", {})})
     if (cfg.eval_every and done % cfg.eval_every == 0) or last:
         results = evaluate(run)
         if results:
@@ -405,6 +426,49 @@ def evaluate(run: Run) -> dict:
         return {}
     return eval_metrics(run.task_model, run.eval_items, run.cfg.micro_batch_size, run.tokenizer.pad_id, run.device,
                         run.autocast, run.dp_rank, run.dp, run.dp_group)
+
+
+def preference_rate(run: Run, when: str, evaluated: Optional[dict] = None) -> float:
+    """The share of eval pairs whose chosen answer the model prefers: the reward model scores it
+    higher (rm), or the policy gives it the higher log-prob (dpo: logps/accuracies). From
+    `evaluated` (eval metrics of the model as it is now) if given."""
+    key = "eval_accuracy" if run.cfg.task == "rm" else "eval_logps/accuracies"
+    rate = (evaluated if evaluated and key in evaluated else evaluate(run))[key]
+    run.say(f"preference accuracy {when} training: {rate:.1%} of {len(run.eval_items)} eval pairs")
+    return rate
+
+
+REF_LOGPS = "ref_logps.safetensors"
+
+
+def precompute_reference(run: Run) -> None:
+    """DPO's reference log-probs of every training and eval pair, computed once from the model
+    as it starts (for full and freeze the only reference there is without a second copy) and
+    stored in out_dir/ref_logps.safetensors, which a resumed or repeated run reuses when it was
+    made from the same base, settings and pairs (a fingerprint of them), else recomputes."""
+    cfg = run.cfg
+    path = run.out_dir / REF_LOGPS
+    sets = {"train": run.rows, "eval": run.eval_items}
+    made_from = [cfg.ckpt_dir, cfg.init_adapter, cfg.quant, cfg.quant_group_size, str(run.dtype), cfg.precision,
+                 [[p.prompt, p.chosen, p.rejected] for items in sets.values() for p in items]]
+    fingerprint = hashlib.sha256(json.dumps(made_from).encode()).hexdigest()
+    tables = None
+    if path.is_file():
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == fingerprint:
+                tables = {name: f.get_tensor(name) for name in f.keys()}
+        run.say(f"reference log-probs: {'reusing' if tables else 'recomputing (base, settings or data changed)'} {path}")
+    if tables is None:
+        tables = {name: reference_logps(run.task_model, items, cfg.micro_batch_size, run.tokenizer.pad_id, run.device,
+                                        run.autocast, run.dp_rank, run.dp, run.dp_group)
+                  for name, items in sets.items() if items}
+        if run.rank == 0:
+            run.out_dir.mkdir(parents=True, exist_ok=True)
+            save_safetensors(tables, path, metadata={"fingerprint": fingerprint})
+        run.say(f"reference log-probs of {sum(map(len, sets.values()))} pairs computed once: {path}")
+    for name, items in sets.items():
+        for pair, (chosen, rejected) in zip(items, tables[name].tolist() if items else []):
+            pair.ref = (chosen, rejected)
 
 
 def match_rate(run: Run, when: str) -> float:
@@ -494,9 +558,12 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def target_count(batch: dict, task: str) -> int:
-    """How many terms the batch's summed loss has: target tokens (LM) or samples (cls/regression)."""
+    """How many terms the batch's summed loss has: target tokens (LM), samples (cls/regression) or
+    pairs (rm/dpo: two rows each)."""
     if task in ("sft", "pt"):
         return int((batch["labels"][:, 1:] != -100).sum())
+    if task in PAIR_TASKS:
+        return batch["tokens"].shape[0] // 2
     return batch["labels"].shape[0]
 
 
@@ -535,7 +602,12 @@ def truncate_metrics(path: Path, step: int) -> None:
     atomic_write_bytes(path, "".join(ln + "\n" for ln in lines).encode())
 
 
-def read_losses(path: Path) -> tuple[list, list]:
+PLOTTED_ACCURACY = {"rm": "eval_accuracy", "dpo": "eval_rewards/accuracies"}  # beside the losses in loss.png
+
+
+def read_losses(path: Path, accuracy: Optional[str] = None) -> tuple[list, list, list]:
+    """(step, value) series of metrics.jsonl: training loss, eval loss, and the metric `accuracy`."""
     records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
     return ([(r["step"], r["loss"]) for r in records if "loss" in r],
-            [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r])
+            [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r],
+            [(r["step"], r[accuracy]) for r in records if accuracy in r])

@@ -21,6 +21,7 @@ class Method:
     packs: bool = True  # trains on rows packed with several samples
     can_merge: bool = False  # merged_state_dict folds it into the base weights
     output_dir: str = "adapter"  # the folder of the final output in out_dir
+    has_reference: bool = False  # reference() gives the model without the method (DPO's reference for free)
 
     def attach(self, model: Transformer, cfg, tokenizer) -> nn.Module:
         """Add the trainable part to a frozen model (in place); returns the model to train (the
@@ -38,6 +39,11 @@ class Method:
     def load(self, model: Transformer, config: dict, tensors: dict, where) -> nn.Module:
         """Put a saved adapter (its adapter_config.json and tensors) on a loaded model; returns the
         model to run (this rank's share under tensor parallelism)."""
+        raise NotImplementedError
+
+    def reference(self, model: nn.Module):
+        """A context manager under which `model` (what attach returned) computes what the base
+        did before the method was attached: DPO's reference model, with no second copy."""
         raise NotImplementedError
 
     def merged_state_dict(self, model: nn.Module, quantized_dtype=torch.bfloat16) -> dict[str, torch.Tensor]:

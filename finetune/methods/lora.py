@@ -11,6 +11,7 @@ B @ A lines up with its share of the base weight:
 The adapter's parameters stay float32 whatever the base dtype (autocast picks the matmul dtype).
 Saved in PEFT's format: A and B under HF's names, B's q/k rows in HF's RoPE order.
 """
+import contextlib
 import math
 
 import torch
@@ -38,6 +39,7 @@ class LoRALinear(nn.Module):
         self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # the base alone (DPO's reference): see LoRA.reference
         out_local, in_local = base.weight.shape if hasattr(base, "weight") else (base.out_features, base.in_features)
         device = next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device
         if device.type == "meta":
@@ -69,7 +71,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in (or in/n for a row-parallel base)] -> [..., out (or out/n for column)]."""
         y = self.base(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         a = self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype))
         # column: the replicated A output feeds a split B, so its gradient is summed over the ranks;
@@ -198,6 +200,22 @@ class LoRA(Method):
         return {"peft_type": "LORA", "r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
                 "lora_dropout": cfg.lora_dropout, "use_rslora": cfg.use_rslora, "bias": "none", "fan_in_fan_out": False,
                 "target_modules": [LINEAR_NAMES[t] for t in resolve_targets(cfg.lora_targets)]}
+
+    has_reference = True
+
+    @contextlib.contextmanager
+    def reference(self, model):
+        """Every LoRA layer passes its base's output through alone (an unmerged adapter only)."""
+        layers = list(lora_layers(model).values())
+        if any(layer.merged for layer in layers):
+            raise RuntimeError("a merged LoRA can't be switched off")
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.disabled = False
 
     def load(self, model, config, tensors, where):
         """A PEFT LoRA adapter (ours or PEFT's own) onto `model`, as PEFT would put it on HF's model:

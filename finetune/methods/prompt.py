@@ -8,6 +8,8 @@ llama.generation decodes with it unchanged: the virtual tokens enter the KV cach
 
 Saved in PEFT's format: one tensor, `prompt_embeddings` [P, dim].
 """
+import contextlib
+
 import torch
 from torch import nn
 
@@ -23,6 +25,7 @@ class PromptTuning(nn.Module):
         super().__init__()
         self.model = model
         self.prompt_embeddings = nn.Parameter(init_embeddings.detach().float().clone())  # [P, dim]
+        self.disabled = False  # no virtual tokens: the base alone (DPO's reference), see Prompt.reference
 
     @property
     def n_virtual(self) -> int:
@@ -56,6 +59,8 @@ class PromptTuning(nn.Module):
 
     def encode(self, tokens: torch.Tensor, pad_lens: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [batch, seq] -> final hidden states [batch, seq, dim] of the real slots."""
+        if self.disabled:
+            return self.model.hidden_states(self.model.tok_embeddings(tokens), 0, pad_lens)
         h = self.insert(self.model.tok_embeddings(tokens), pad_lens)
         hidden = self.model.hidden_states(h, 0, pad_lens)
         return self._drop_virtual(hidden, pad_lens)
@@ -116,6 +121,17 @@ class Prompt(Method):
         gen = torch.Generator().manual_seed(cfg.seed)
         return PromptTuning(model, init_prompt(model, tokenizer, cfg.num_virtual_tokens, cfg.prompt_init,
                                                cfg.prompt_init_text, gen))
+
+    has_reference = True
+
+    @contextlib.contextmanager
+    def reference(self, model):
+        """Encode without the virtual tokens."""
+        model.disabled = True
+        try:
+            yield
+        finally:
+            model.disabled = False
 
     def adapter_tensors(self, model):
         return {"prompt_embeddings": model.prompt_embeddings.detach()}

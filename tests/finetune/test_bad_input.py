@@ -243,6 +243,40 @@ def test_cls_data_without_label_on_a_later_row(tmp_path, ckpt, capsys):
     assert f"{train}:5" in msg and "label" in msg
 
 
+PAIRS = [{"prompt": f"What is {i} plus {i + 1}?", "chosen": f"{2 * i + 1}", "rejected": f"{2 * i}"} for i in range(6)]
+
+
+@pytest.mark.parametrize("case", ["beta", "pref-to-sft", "sft-to-dpo", "no-rejected", "all-too-long", "full-no-ref"])
+def test_bad_preference_input_is_one_line_and_writes_nothing(tmp_path, ckpt, capsys, case):
+    pairs = write_rows(tmp_path / "pairs.jsonl", PAIRS)
+    argv = {
+        "beta": ["--task", "dpo", "--train_file", pairs, "--dpo_beta", "0"],
+        "pref-to-sft": ["--task", "sft", "--train_file", pairs],
+        "sft-to-dpo": ["--task", "dpo"],
+        "no-rejected": ["--task", "dpo", "--strict", "--train_file",
+                        write_rows(tmp_path / "missing.jsonl", PAIRS[:3] + [{"prompt": "Q", "chosen": "a"}])],
+        "all-too-long": ["--task", "rm", "--train_file", pairs, "--cutoff_len", "2"],
+        "full-no-ref": ["--task", "dpo", "--method", "full", "--train_file", pairs],
+    }[case]
+    rc, _, err = run_main(["--config", base_config(tmp_path, ckpt)] + argv, capsys)
+    assert rc == 2
+    msg = one_error(err)
+    want = {
+        "beta": "error: dpo_beta must be positive, got 0.0",
+        "pref-to-sft": f"error: {pairs}:1: a preference row (chosen/rejected), which task sft does not read: "
+                       "tasks rm and dpo do",
+        "sft-to-dpo": f"error: {tmp_path / 'train.jsonl'}:1: task dpo needs preference rows (chosen and rejected "
+                      "answers), but the row has keys ['instruction', 'output']",
+        "no-rejected": f"error: {tmp_path / 'missing.jsonl'}:4: missing 'rejected'",
+        "all-too-long": f"error: {pairs}: no usable pairs: dropped 6 of 6 rows: 6 too long for cutoff_len 2 "
+                        "(the longer answer does not fit after bos)",
+        "full-no-ref": "error: task dpo with method full trains the base, so it can't be its own reference: set "
+                       "precompute_ref = true (the reference log-probs computed once before training)",
+    }[case]
+    assert msg == want
+    assert not (tmp_path / "out").exists()
+
+
 BAD_LINES = {"not-json": '{"instruction": "broken", "output": ', "not-an-object": "[1, 2, 3]",
              "missing-output": '{"instruction": "where is the answer?"}'}
 

@@ -56,7 +56,8 @@ def output_layer(weight: torch.Tensor) -> nn.Linear:
 
 
 def took_fused_path(loss: torch.Tensor) -> bool:
-    return "LinearCrossEntropy" in type(loss.grad_fn).__name__
+    """The summed loss is the sum of LinearCrossEntropy's per-token losses."""
+    return any("LinearCrossEntropy" in type(fn).__name__ for fn, _ in loss.grad_fn.next_functions if fn is not None)
 
 
 # --- the fused path (output is a bias-free nn.Linear) ---------------------------------------------

@@ -105,3 +105,12 @@ def test_cli_reports_and_errors():
         assert len(bad.stderr.strip().splitlines()) == 1
     help_text = run_cli("--help").stdout
     assert all(flag in help_text for flag in ("--gpus", "--model", "--placement", "--cutoff_len"))
+
+
+def test_preference_tasks_plan_chosen_and_rejected_rows():
+    """rm and dpo forward 2 sequences per pair: their activations are sft's at twice the batch."""
+    for task in ("dpo", "rm"):
+        pairs = plan(setup_of(method="lora", task=task, micro_batch_size=2, cutoff_len=32))[0]
+        rows = plan(setup_of(method="lora", task="sft" if task == "dpo" else "cls", micro_batch_size=4,
+                             cutoff_len=32))[0]
+        assert pairs.activations == rows.activations > 0, task
