@@ -293,13 +293,18 @@ def test_full_fine_tuning_precomputes_the_reference_once(ckpt, tmp_path, capsys)
     assert "reusing" in capsys.readouterr().out
 
 
-def test_int4_base(ckpt, tmp_path):
-    """LoRA DPO on a base rounded to int4 on load: the reference is the int4 base (adapter off)."""
-    train(dpo_config(ckpt, tmp_path / "int4", quant="int4", quant_group_size=32, max_steps=3))
-    m = metrics_by_step(tmp_path / "int4")
+@pytest.mark.parametrize("quant", ["int4", "nf4"])
+def test_quantized_base(ckpt, tmp_path, quant):
+    """LoRA DPO on a base rounded to int4 (our kernels) or NF4 (bitsandbytes) on load: the
+    reference is the quantized base (adapter off), so step 1 starts at ln 2 exactly."""
+    if quant == "nf4":
+        pytest.importorskip("bitsandbytes")
+    train(dpo_config(ckpt, tmp_path / quant, quant=quant, quant_group_size=32, max_steps=3))
+    m = metrics_by_step(tmp_path / quant)
     assert m[(1, "train")]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert all(math.isfinite(m[(s, "train")]["loss"]) for s in (1, 2, 3))
-    assert json.loads((tmp_path / "int4" / "adapter" / "finetune.json").read_text())["task"] == "dpo"
+    assert m[(3, "train")]["loss"] != m[(1, "train")]["loss"]  # the adapter trained
+    assert json.loads((tmp_path / quant / "adapter" / "finetune.json").read_text())["task"] == "dpo"
 
 
 @pytest.mark.parametrize("precompute_ref", [False, True], ids=["adapter-off", "precomputed"])
