@@ -6,6 +6,7 @@ fine-tuning on Llama-3-layout shards, the embedding split along the vocabulary),
 import json
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
@@ -184,6 +185,23 @@ def test_tensor_parallel_matches_one_process(gqa_ckpts, tmp_path, method):
             assert f"resumed from {step3} at step 3" in result.stdout
             assert_same_run(tmp_path / "resumed", tp, tol=1e-6, steps={4, 5, 6})
             assert_same_tensors(adapter(tmp_path / "resumed"), got, tol=1e-6)
+
+
+def test_tensor_parallel_dpo_matches_one_process(gqa_ckpts, tmp_path):
+    """DPO on 2 tensor-parallel shards: the answers' log-probs come through the column-parallel
+    output layer (its logits gathered), the reference with the adapter off on the same shards;
+    losses, TRL's metrics and the adapter follow one process on the whole checkpoint."""
+    whole, split = gqa_ckpts
+    pref = Path(DEMO_TRAIN).parent
+    kw = dict(task="dpo", train_file=str(pref / "pref_train.jsonl"), eval_file=str(pref / "pref_eval.jsonl"),
+              micro_batch_size=4, max_steps=4, eval_every=2)
+    tp = tmp_path / "tp"
+    result = torchrun(COMMON, split, tp, **kw)
+    assert "tensor-parallel 2 x data-parallel 1" in result.stdout
+    one_process(COMMON, whole, tmp_path / "one", **kw)
+    assert_same_run(tp, tmp_path / "one", tol=1e-4, names=("loss", "grad_norm", "eval_loss", "rewards/chosen",
+                                                          "rewards/rejected", "rewards/margins", "logps/chosen"))
+    assert_same_tensors(adapter(tp), adapter(tmp_path / "one"), tol=1e-5)
 
 
 def test_full_fine_tuning_on_vocab_split_shards_matches_one_process(gqa_ckpts, vocab_split_ckpt, tmp_path):
