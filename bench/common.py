@@ -16,6 +16,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results.jsonl"
 
+from llama.cpu_kind import cpu_description  # noqa: E402  (the CPU's model and flags, in every row)
+
 # The fixed CPU workload of issue 6: LLaMA-shaped, 58M parameters, random weights (seed 0).
 BENCH_58M = {"dim": 512, "n_layers": 8, "n_heads": 8, "vocab_size": 32000, "hidden_dim": 1376}
 
@@ -159,20 +161,6 @@ def gpu_ceilings() -> dict:
     t_mm = median(timed(lambda: x @ x, 10, 3, sync))
     return {"device_name": torch.cuda.get_device_name(), "copy_gb_s": round(2 * a.numel() / t_copy / 1e9, 1),
             "bf16_matmul_tflops": round(2 * 8192 ** 3 / t_mm / 1e12, 1)}
-
-
-def cpu_description() -> str:
-    """The CPU's model name and the vector extensions that change our figures, from /proc/cpuinfo
-    (Linux): e.g. 'AMD EPYC: avx2 avx512f avx512_bf16'. bf16 matmuls, for one, are ~10x slower
-    without avx512_bf16 or amx_bf16."""
-    try:
-        lines = open("/proc/cpuinfo").read().splitlines()
-    except OSError:
-        return platform.processor() or "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-    found = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model}: {' '.join(found)}" if found else model
 
 
 def append_row(bench: str, result: dict, script: str, device: str = "cpu") -> dict:

@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import quant  # noqa: F401  (registers the int4 and NF4 bases and GPTQ folders with the loader)
+from llama.cpu_kind import auto_dtype
 from llama.distributed import data_parallel_group, model_parallel_rank, setup_model_parallel
 from llama.errors import LlamaInputError
 from llama.export import export
@@ -36,6 +37,7 @@ from llama.formats import detect_format, n_shards, read_model_args, save_checkpo
 from llama.generation import parse_dtype
 from llama.loader import load_model
 from llama.placement import device_shares, place_layers, resolve_devices
+from llama.threads import set_threads
 from llama.tokenizers import Tokenizer, check_vocab, find_tokenizer, tokenizer_file_name
 from finetune.adapters import attach, save_trained
 from finetune.config import TrainConfig
@@ -61,11 +63,16 @@ def on_gpu(device) -> bool:
     return str(device).startswith("cuda")
 
 
-def base_dtype(dtype: str, device) -> torch.dtype:
-    """The config's dtype, with auto resolved for the device the model runs on."""
-    if dtype == "auto":
-        return torch.bfloat16 if on_gpu(device) else torch.float32
-    return parse_dtype(dtype)
+def base_dtype(dtype: str, device, trains_base: bool = False) -> tuple[torch.dtype, str]:
+    """The config's dtype, with auto resolved for the device the model runs on, and why (words
+    for the run's first lines): llama.cpu_kind.auto_dtype (bfloat16 on a GPU and on a CPU with
+    AVX512-BF16 or AMX, float32 on other CPUs), but float32 on a CPU for a method that trains the
+    base's own weights, which train in float32 anyway: loading them as bf16 would only round them."""
+    if dtype != "auto":
+        return parse_dtype(dtype), "as set"
+    if trains_base and not on_gpu(device):
+        return torch.float32, "its trained weights are float32 whatever the base dtype"
+    return auto_dtype(device)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -154,6 +161,7 @@ def setup(cfg: TrainConfig) -> Run:
     """Processes, the data, the base model with the method attached, the optimizer, and the state
     of the last checkpoint when resuming. Bad settings and data are refused before the model loads."""
     check_out_dir(Path(cfg.out_dir))
+    set_threads(cfg.threads or None)
     shards = n_shards(cfg.ckpt_dir)
     held = detect_format(cfg.ckpt_dir).quant  # a folder of quantized weights loads as such, frozen
     if held and get_method(cfg.method).trains_base:
@@ -172,7 +180,7 @@ def setup(cfg: TrainConfig) -> Run:
     train_items, eval_items, label_names = load_data(cfg, tokenizer)
     rows = pack(train_items, cfg.cutoff_len) if cfg.packing else train_items
 
-    dtype = base_dtype(cfg.dtype, (devices or [device])[0])
+    dtype, why = base_dtype(cfg.dtype, (devices or [device])[0], get_method(cfg.method).trains_base)
     fsdp = cfg.sharding == "fsdp" and world > 1
     if fsdp:
         if cfg.cpu_offload and not on_gpu(device):
@@ -203,6 +211,10 @@ def setup(cfg: TrainConfig) -> Run:
               task_model, rows, eval_items, label_names, global_batch, per_epoch, total_steps)
     setup_optimizer(run)
     resume(run)
+    if cfg.dtype == "auto":
+        threads = torch.get_num_threads()
+        cpu = f"; {threads} CPU thread{'s' if threads != 1 else ''}" if not on_gpu(device) else ""
+        run.say(f"dtype auto: {str(dtype).removeprefix('torch.')} base ({why}){cpu}")
     run.say(f"training {sum(p.numel() for p in run.named.values()):,} parameters ({cfg.method}, {cfg.task}) on "
             f"{world} process(es): tensor-parallel {tp} x data-parallel {dp}{' (fsdp)' if is_sharded(task_model) else ''}; "
             f"{len(rows)} rows, {total_steps} steps")
