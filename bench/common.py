@@ -163,6 +163,17 @@ def gpu_ceilings() -> dict:
             "bf16_matmul_tflops": round(2 * 8192 ** 3 / t_mm / 1e12, 1)}
 
 
+def cpu_bandwidth(nbytes: int = 1 << 30) -> dict:
+    """This CPU's memory bandwidth in GB/s with torch's threads: reading a float32 tensor of nbytes
+    (a sum, as decoding reads every weight once per token) and copying it (read + write). The
+    median of 7 passes after 2; nbytes well past the caches."""
+    x = torch.ones(nbytes // 4)
+    y = torch.empty_like(x)
+    read = median(timed(lambda: x.sum(), 7, 2))
+    copy = median(timed(lambda: y.copy_(x), 7, 2))
+    return {"read_gb_s": round(nbytes / read / 1e9, 1), "copy_gb_s": round(2 * nbytes / copy / 1e9, 1)}
+
+
 def append_row(bench: str, result: dict, script: str, device: str = "cpu") -> dict:
     """Append one JSON row (what ran, where, and the result) to bench/results.jsonl."""
     row = {"bench": bench, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "device": device,
