@@ -23,7 +23,7 @@ from finetune.adapters import attach, load_adapter
 from finetune.config import TrainConfig
 from finetune.demo import FACTS
 from finetune.state import checkpoints, load_state
-from finetune.trainer import base_dtype, lr_factor, train
+from finetune.trainer import base_dtype, lr_factor, read_losses, train
 from llama import cpu_kind
 from llama.formats import read_model_args, save_checkpoint
 from llama.loader import load_model
@@ -398,3 +398,22 @@ def test_base_dtype_resolves_auto_by_device_cpu_and_method(monkeypatch):
     assert base_dtype("auto", "cpu", trains_base=True)[0] == torch.float32  # full / freeze train float32 weights
     assert base_dtype("auto", "cuda", trains_base=True)[0] == torch.bfloat16
     assert base_dtype("float16", "cpu")[0] == torch.float16
+
+
+# |bf16 - float32| per step, losses ~5.7: the base's weights rounded to bf16 (8 bits of mantissa,
+# ~4e-3 relative) shift the tiny model's loss by ~3e-4 here; 30x that leaves room for other CPUs' kernels
+BF16_LOSS_TOL = 0.01
+
+
+def test_bf16_base_losses_stay_near_float32(base_ckpt, tmp_path):
+    """A bfloat16 base (what dtype auto picks on a CPU with AVX512-BF16 or AMX) trains LoRA to the
+    float32 run's losses within BF16_LOSS_TOL at every step of 12, and the losses fall in both."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        train(trainer_config(base_ckpt, tmp_path / dtype, dtype=dtype, max_steps=12))
+        losses[dtype] = read_losses(tmp_path / dtype / "metrics.jsonl")[0]
+    f32, bf16 = (torch.tensor([loss for _, loss in losses[d]]) for d in ("float32", "bfloat16"))
+    assert len(f32) == len(bf16) == 12
+    assert f32[-1] < f32[0] - 0.2 and bf16[-1] < bf16[0] - 0.2
+    assert (f32 - bf16).abs().max() <= BF16_LOSS_TOL, (f32 - bf16).abs().max()
+    assert not torch.equal(f32, bf16)  # the bf16 run did round
