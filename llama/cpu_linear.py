@@ -13,7 +13,6 @@ milliseconds, and the choice is kept for the process (`choices()` lists them).
     split  the row-block split wherever it applies (tests, benchmarks)
 """
 import os
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -32,8 +31,9 @@ CALIBRATION_MAX_COPIES = 256  # tiny weights: their cost is the call's overhead,
 CALIBRATION_SECONDS = 0.002  # per candidate per round
 CALIBRATION_MIN_CALLS = 3  # per candidate per round, for the largest weights
 CALIBRATION_ROUNDS = 3  # candidates alternate round by round, so a busy spell of the machine hits both
-# a candidate's cost is the median of its calls: on a machine shared with other work, a call whose
-# thread was descheduled takes 100x longer, and one such call would swing a mean
+# a candidate's cost is the fastest of its calls: on a machine shared with other work most calls of
+# a 2-thread product can wait a scheduler tick (~4-8 ms) for a descheduled thread, which swings a mean
+# and, under heavy load, even a median; the fastest call is the product's own cost
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def calibrate(rows: int, out_features: int, in_features: int, threads: int) -> C
         for _ in range(CALIBRATION_ROUNDS):
             for name, fn in candidates.items():
                 times[name] += _call_times(fn, x, weights)
-    cost = {name: statistics.median(t) for name, t in times.items()}
+    cost = {name: min(t) for name, t in times.items()}
     path = "split" if cost["plain"] >= SPLIT_GAIN * cost["split"] else "plain"
     return Choice(path, round(cost["split"] * 1e6, 1), round(cost["plain"] * 1e6, 1))
 

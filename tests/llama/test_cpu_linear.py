@@ -166,7 +166,7 @@ def test_auto_calibrates_each_shape_once_and_caches(path, monkeypatch):
 def test_calibration_keeps_the_split_only_when_clearly_faster(monkeypatch, split_us, plain_us, expected):
     """calibrate's rule on given timings (its _call_times replaced: each candidate's calls take the
     given time, but for one split call per round 100x slower, as a descheduled thread's: the
-    median ignores it where a mean would not), and the path then taken."""
+    fastest call ignores it where a mean would not), and the path then taken."""
     per_call = {"plain": plain_us * 1e-6, "split": split_us * 1e-6}
 
     def call_times(fn, x, w):
