@@ -18,8 +18,9 @@ HF is kept from stopping at its eos with min_new_tokens, ours and llama.cpp by n
 The greedy tokens of every peer are compared with ours (and, with --batch, ours batched with ours
 one prompt at a time) as a check that all decode the same model.
 
-On the CPU it also prints: the memory bandwidth (reading and copying 1 GiB) and each peer's tokens/s
-as a fraction of the bound it sets, batch x bandwidth / the bytes of the weights read per step; and
+On the CPU it also prints: the memory bandwidth (reading as many bytes as the weights a step reads,
+and reading and copying 1 GiB) and each peer's tokens/s as a fraction of the bound the first sets,
+batch x bandwidth / the bytes of the weights read per step; and
 the path (F.linear or the row-block split, llama/cpu_linear.py) each few-row product shape took on
 this machine, with both candidates' times. Appends one row to bench/results.jsonl.
 """
@@ -29,6 +30,7 @@ import importlib.util
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -157,6 +159,7 @@ def take_turns(peers: dict, runs: int, count: int, sync) -> dict:
     tok_s = {name: [] for name in peers}
     for _ in range(runs):
         for name, run in peers.items():
+            time.sleep(0.1)  # the last peer's idle threads stop spinning (llama.cpp's, OpenMP's) before this one runs
             tok_s[name].append(round(count / timed(run, 1, warmup=0, sync=sync)[0], 2))
     return tok_s
 
@@ -187,26 +190,33 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     lengths = [a.prompt - (i * (a.prompt // 2)) // max(1, a.batch - 1) for i in range(a.batch)]  # prompt .. prompt/2
     prompts = [torch.randint(3, BENCH_58M["vocab_size"], (n,), generator=g).tolist() for n in lengths]
-    bandwidth = cpu_bandwidth() if cpu else None  # before the models: the machine as quiet as it gets
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_hf_checkpoint(Path(tmp))
-        peers = {"ours": ours(ckpt, prompts, a.new, dtype, a.device)}
+        # each peer warms up (ours: calibrates its linear paths; compiled: compiles) as soon as it
+        # is built, before the next exists: no other peer's threads (llama.cpp's) are there to disturb it
+        peers, tokens = {}, {}
+        builders = {"ours": lambda: ours(ckpt, prompts, a.new, dtype, a.device)}
         if not a.no_compile:
-            peers["ours compiled"] = ours(ckpt, prompts, a.new, dtype, a.device, compile=True)
+            builders["ours compiled"] = lambda: ours(ckpt, prompts, a.new, dtype, a.device, compile=True)
         if a.linear_paths:
-            peers["ours F.linear"] = ours(ckpt, prompts, a.new, dtype, a.device, linear_path="plain")
-            peers["ours split"] = ours(ckpt, prompts, a.new, dtype, a.device, linear_path="split")
-        peers["hf"] = hf(ckpt, prompts, a.new, dtype, a.device)
+            builders["ours F.linear"] = lambda: ours(ckpt, prompts, a.new, dtype, a.device, linear_path="plain")
+            builders["ours split"] = lambda: ours(ckpt, prompts, a.new, dtype, a.device, linear_path="split")
+        builders["hf"] = lambda: hf(ckpt, prompts, a.new, dtype, a.device)
         if cpu and a.batch == 1 and not a.no_llama_cpp:
             if importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("gguf"):
-                peers["llama.cpp f32"] = llama_cpp(ckpt, prompts, a.new, torch.get_num_threads())
+                builders["llama.cpp f32"] = lambda: llama_cpp(ckpt, prompts, a.new, torch.get_num_threads())
             else:
                 print("llama.cpp: skipped (pip install llama-cpp-python gguf to include it)")
-        tokens = {name: run() for name, run in peers.items()}  # also each peer's warm-up
+        for name, build in builders.items():
+            peers[name] = build()
+            tokens[name] = peers[name]()
         alone = [peers["ours"]([p])[0] for p in prompts] if a.batch > 1 else None
         tok_s = take_turns(peers, a.runs, a.batch * a.new, sync)
         weight_bytes = step_bytes(peers["ours"].model)
+        # the bound: reading the weights' bytes once, from wherever they sit (a cache as large as
+        # the model holds them); DRAM's own rate from 1 GiB beside it
+        bandwidth = {"weights": cpu_bandwidth(weight_bytes), "1GiB": cpu_bandwidth()} if cpu else None
 
         prefill = None
         if a.prefill:
@@ -228,7 +238,7 @@ def main() -> None:
     if cpu:
         result["bandwidth"] = bandwidth
         result["weight_bytes_per_step"] = weight_bytes
-        bound = a.batch * bandwidth["read_gb_s"] * 1e9 / weight_bytes
+        bound = a.batch * bandwidth["weights"]["read_gb_s"] * 1e9 / weight_bytes
         result["bound_tok_s"] = round(bound, 1)
         result["fraction_of_bound"] = {k: round(v / bound, 3) for k, v in med.items()}
         result["linear_paths"] = [{"rows": r, "out": o, "in": i, "threads": t, "path": c.path, "split_us": c.split_us,
@@ -249,8 +259,9 @@ def main() -> None:
     if alone is not None:
         print(f"  ours batched vs ours one prompt at a time: same greedy prefix {result['ours_batched_same_as_ours_alone']}/{a.new}")
     if cpu:
-        print(f"  memory: read {bandwidth['read_gb_s']} GB/s, copy {bandwidth['copy_gb_s']} GB/s; a step reads "
-              f"{weight_bytes / 1e6:.0f} MB of weights: bound {result['bound_tok_s']} tok/s")
+        print(f"  memory: reading {weight_bytes / 1e6:.0f} MB (the weights a step reads) {bandwidth['weights']['read_gb_s']} "
+              f"GB/s: bound {result['bound_tok_s']} tok/s; 1 GiB: read {bandwidth['1GiB']['read_gb_s']} GB/s, "
+              f"copy {bandwidth['1GiB']['copy_gb_s']} GB/s")
         for row in result["linear_paths"]:
             print(f"  linear rows {row['rows']} x [{row['out']}, {row['in']}], {row['threads']} threads: {row['path']:<5} "
                   f"(split {row['split_us']} us, F.linear {row['f_linear_us']} us)")
