@@ -1,6 +1,7 @@
 """What the benchmarks share: the bench-58M workload, timing, fresh measuring processes, the GPU's
 measured ceilings, and the row appended to bench/results.jsonl."""
 import json
+import os
 import platform
 import resource
 import statistics
@@ -177,7 +178,8 @@ def cpu_bandwidth(nbytes: int = 1 << 30) -> dict:
 def append_row(bench: str, result: dict, script: str, device: str = "cpu") -> dict:
     """Append one JSON row (what ran, where, and the result) to bench/results.jsonl."""
     row = {"bench": bench, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "device": device,
-           "cpu": cpu_description(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, **result,
+           "cpu": cpu_description(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+           "load_avg": [round(x, 2) for x in os.getloadavg()], **result,  # other work on the machine, when shared
            "cmd": " ".join(["python", script, *sys.argv[1:]])}
     with open(RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")
