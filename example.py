@@ -34,7 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_seq_len", type=int, default=512, help="prompt + generation length the KV cache holds (default 512)")
     p.add_argument("--max_gen_len", type=int, default=64, help="most tokens to generate per prompt (default 64)")
     p.add_argument("--max_batch_size", type=int, default=4, help="prompts generated together; more are run in chunks (default 4)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    p.add_argument("--dtype", default="auto",
+                   help="float32, bfloat16, float16, or auto (default): bfloat16 on a GPU and on a CPU with "
+                        "AVX512-BF16 or AMX, float32 on other CPUs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for PyTorch (default: OMP_NUM_THREADS if set, else one per core)")
     p.add_argument("--quant", choices=("none", "int4", "nf4"), default="none",
                    help="base weights: int4 (a GPTQ folder from `python -m quant`, or float weights rounded to "
                         "nearest on load), nf4 (bitsandbytes), none (as stored; default)")
@@ -84,16 +88,24 @@ def main(argv=None) -> int:
 
     from finetune.data import prompt_for
     from llama.generation import Llama  # after argument parsing, so --help is instant
+    from llama.cpu_kind import auto_dtype
+    from llama.threads import set_threads
     from llama.distributed import shutdown_model_parallel
     import quant  # noqa: F401  (registers the int4/NF4 formats and quantizers)
 
     try:
         prompts = read_prompts(args)
+        threads = set_threads(args.threads)
         generator = Llama.build(
             args.ckpt_dir, args.tokenizer_path, max_seq_len=args.max_seq_len, max_batch_size=args.max_batch_size,
             dtype=args.dtype, device=args.device, seed=args.seed, devices=args.devices,
             quant=args.quant, group_size=args.group_size, compile=args.compile,
         )
+        device = next(generator.model.parameters()).device
+        if args.dtype == "auto":
+            dtype, why = auto_dtype(device)
+            cpu = f"; {threads} CPU thread{'s' if threads != 1 else ''}" if device.type == "cpu" else ""
+            say(f"dtype auto: {str(dtype).removeprefix('torch.')} ({why}){cpu}")
         template = None
         if args.adapter:
             template = use_adapter(generator, args.adapter, args.max_batch_size, args.max_seq_len)

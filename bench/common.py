@@ -2,6 +2,7 @@
 measured ceilings, and the row appended to bench/results.jsonl."""
 import contextlib
 import json
+import os
 import platform
 import resource
 import shutil
@@ -19,6 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "bench" / "results.jsonl"
+
+from llama.cpu_kind import cpu_description  # noqa: E402  (the CPU's model and flags, in every row)
 
 # The fixed CPU workload of issue 6: LLaMA-shaped, 58M parameters, random weights (seed 0).
 BENCH_58M = {"dim": 512, "n_layers": 8, "n_heads": 8, "vocab_size": 32000, "hidden_dim": 1376}
@@ -230,24 +233,22 @@ def gpu_ceilings() -> dict:
             "bf16_matmul_tflops": round(2 * 8192 ** 3 / t_mm / 1e12, 1)}
 
 
-def cpu_description() -> str:
-    """The CPU's model name and the vector extensions that change our figures, from /proc/cpuinfo
-    (Linux): e.g. 'AMD EPYC: avx2 avx512f avx512_bf16'. bf16 matmuls, for one, are ~10x slower
-    without avx512_bf16 or amx_bf16."""
-    try:
-        lines = open("/proc/cpuinfo").read().splitlines()
-    except OSError:
-        return platform.processor() or "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
-    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
-    found = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    return f"{model}: {' '.join(found)}" if found else model
+def cpu_bandwidth(nbytes: int = 1 << 30) -> dict:
+    """This CPU's memory bandwidth in GB/s with torch's threads: reading a float32 tensor of nbytes
+    (a sum, as decoding reads every weight once per token) and copying it (read + write). The
+    median of 7 passes after 2; nbytes well past the caches."""
+    x = torch.ones(nbytes // 4)
+    y = torch.empty_like(x)
+    read = median(timed(lambda: x.sum(), 7, 2))
+    copy = median(timed(lambda: y.copy_(x), 7, 2))
+    return {"read_gb_s": round(nbytes / read / 1e9, 1), "copy_gb_s": round(2 * nbytes / copy / 1e9, 1)}
 
 
 def append_row(bench: str, result: dict, script: str, device: str = "cpu") -> dict:
     """Append one JSON row (what ran, where, and the result) to bench/results.jsonl."""
     row = {"bench": bench, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(), "device": device,
-           "cpu": cpu_description(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, **result,
+           "cpu": cpu_description(), "cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+           "load_avg": [round(x, 2) for x in os.getloadavg()], **result,  # other work on the machine, when shared
            "cmd": " ".join(["python", script, *sys.argv[1:]])}
     with open(RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")

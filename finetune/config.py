@@ -22,13 +22,16 @@ class TrainConfig:
     # [model]
     ckpt_dir: str = _key("", "base checkpoint folder (Meta, HF or ours; a split checkpoint trains tensor-parallel)", "model")
     tokenizer_path: str = _key("", "tokenizer.model (sentencepiece or Llama-3 tiktoken) or tokenizer.json, kind read from the content (default: tokenizer.model, then tokenizer.json, in ckpt_dir or its parent)", "model")
-    dtype: str = _key("auto", "dtype of the frozen base weights: bfloat16, float16, float32, or auto (bfloat16 on GPU, "
-                              "float32 on CPU, where 16-bit matmuls run ~10x slower without native support)", "model")
+    dtype: str = _key("auto", "dtype of the frozen base weights: bfloat16, float16, float32, or auto: bfloat16 on a GPU "
+                              "and on a CPU with AVX512-BF16 or AMX (float32 there for full and freeze, whose trained "
+                              "weights are float32 anyway), float32 on other CPUs, where 16-bit matmuls run ~10x slower",
+                     "model")
     quant: str = _key("none", "base weights: int4 (a GPTQ folder as is; float weights rounded to nearest on load), "
                               "nf4 (bitsandbytes, double quant), or none (as loaded)", "model")
     quant_group_size: int = _key(128, "int4 on load: input features per scale (must divide every layer's input width); -1 per channel", "model")
     device: str = _key("", "cpu, cuda or cuda:N (default: this rank's GPU if any, else cpu)", "model")
     devices: str = _key("", "spread layers over devices in one process: cuda:0,cuda:1 or auto", "model")
+    threads: int = _key(0, "CPU threads for PyTorch per process (0: OMP_NUM_THREADS if set, else one per core)", "model")
     sharding: str = _key("ddp", "data parallelism under torchrun: ddp (each rank holds the model) or fsdp (torch's "
                                 "FSDP2: parameters, gradients and optimizer state split across ranks)", "model")
     cpu_offload: bool = _key(False, "fsdp: keep the sharded parameters, gradients and optimizer state in host memory "
@@ -111,6 +114,9 @@ class TrainConfig:
             if getattr(self, key) not in allowed:
                 raise LlamaInputError(f"{key} = {getattr(self, key)!r}: choose from {', '.join(allowed)}"
                                       f"{did_you_mean(str(getattr(self, key)), allowed)}")
+        if self.threads < 0:
+            raise LlamaInputError(f"threads = {self.threads}: expected a whole number of threads, at least 1 "
+                                  f"(or 0: OMP_NUM_THREADS, else one per core)")
         for key in ("micro_batch_size", "grad_accum", "cutoff_len", "keep_last"):
             if getattr(self, key) < 1:
                 raise LlamaInputError(f"{key} must be at least 1")

@@ -10,7 +10,7 @@ the tensor shapes counted are the model's own and nothing is allocated. Every ot
 trainer's (finetune.config.TrainConfig): --config and --key value as for ft_main.py.
 
 Per device it prints the bytes of:
-- base weights: the frozen model in `dtype` (auto: bfloat16 on GPU, float32 on CPU); the block
+- base weights: the frozen model in `dtype` (auto: as the trainer resolves it on this machine); the block
   linears as int4 (GPTQ layout) or NF4 (bitsandbytes) with `quant`, plus the one dequantized
   weight a 4-bit layer's matmul holds at a time;
 - trainable weights: float32 (LoRA A and B, the prompt, or the trained blocks of full / freeze);
@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 from finetune.config import TrainConfig, load_config, parser as config_parser
 from finetune.data import PAIR_TASKS
 from finetune.heads import SCORE_TASKS, LinearCrossEntropy
+from finetune.methods import get_method
 from finetune.methods.lora import resolve_targets
 from llama.config import ModelArgs
 from llama.errors import LlamaInputError
@@ -134,9 +135,12 @@ class Setup:
 
 def resolve(cfg: TrainConfig, args: ModelArgs, devices: Devices, placement: str, quant: str) -> Setup:
     """The Setup of a config on devices, dtypes resolved as the trainer does (trainer.base_dtype,
-    setup_optimizer): auto is bfloat16 / bf16 autocast on a GPU, float32 on the CPU."""
+    setup_optimizer): auto is bfloat16 / bf16 autocast on a GPU; on the CPU a bfloat16 base where
+    this CPU runs it natively (for methods that keep the base frozen), else float32, no autocast."""
+    from finetune.trainer import base_dtype  # the trainer's own rule; its imports are heavy for --help
+
     gpu = devices.kind == "cuda"
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if gpu else "float32")
+    dtype = str(base_dtype(cfg.dtype, devices.kind, get_method(cfg.method).trains_base)[0]).removeprefix("torch.")
     float_bytes = 4 if dtype == "float32" else 2
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if gpu else "fp32")
     autocast = precision in ("bf16", "fp16")

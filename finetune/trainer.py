@@ -31,6 +31,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import quant  # noqa: F401  (registers the int4 and NF4 bases and GPTQ folders with the loader)
+from llama.cpu_kind import auto_dtype
 from llama.distributed import data_parallel_group, model_parallel_rank, setup_model_parallel
 from llama.errors import LlamaInputError
 from llama.export import export
@@ -39,6 +40,7 @@ from llama.formats import detect_format, n_shards, read_model_args, save_checkpo
 from llama.generation import parse_dtype
 from llama.loader import load_model
 from llama.placement import device_shares, place_layers, resolve_devices
+from llama.threads import set_threads
 from llama.tokenizers import Tokenizer, check_vocab, find_tokenizer, tokenizer_file_name
 from finetune.adapters import attach, fold_adapter, save_trained
 from finetune.config import TrainConfig
@@ -76,13 +78,19 @@ def gpu_has_bf16(device: str) -> bool:
     return False
 
 
-def base_dtype(dtype: str, device) -> torch.dtype:
-    """The config's dtype, with auto resolved for the device the model runs on."""
-    if dtype == "auto":
-        if not on_gpu(device):
-            return torch.float32
-        return torch.bfloat16 if gpu_has_bf16(str(device)) else torch.float16
-    return parse_dtype(dtype)
+def base_dtype(dtype: str, device, trains_base: bool = False) -> tuple[torch.dtype, str]:
+    """The config's dtype, with auto resolved for the device the model runs on, and why (words
+    for the run's first lines): on a GPU bfloat16, or float16 where it has no native bf16; on a CPU
+    llama.cpu_kind.auto_dtype (bfloat16 with AVX512-BF16 or AMX, float32 otherwise), but float32
+    for a method that trains the base's own weights, which train in float32 anyway: loading them
+    as bf16 would only round them."""
+    if dtype != "auto":
+        return parse_dtype(dtype), "as set"
+    if on_gpu(device):
+        return (torch.bfloat16, "a GPU") if gpu_has_bf16(str(device)) else (torch.float16, "a GPU without native bf16")
+    if trains_base:
+        return torch.float32, "its trained weights are float32 whatever the base dtype"
+    return auto_dtype(device)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -175,6 +183,7 @@ def setup(cfg: TrainConfig) -> Run:
     """Processes, the data, the base model with the method attached, the optimizer, and the state
     of the last checkpoint when resuming. Bad settings and data are refused before the model loads."""
     check_out_dir(Path(cfg.out_dir))
+    set_threads(cfg.threads or None)
     shards = n_shards(cfg.ckpt_dir)
     held = detect_format(cfg.ckpt_dir).quant  # a folder of quantized weights loads as such, frozen
     if held and get_method(cfg.method).trains_base:
@@ -196,7 +205,7 @@ def setup(cfg: TrainConfig) -> Run:
     train_items, eval_items, label_names = load_data(cfg, tokenizer)
     rows = pack(train_items, cfg.cutoff_len) if cfg.packing else train_items
 
-    dtype = base_dtype(cfg.dtype, (devices or [device])[0])
+    dtype, why = base_dtype(cfg.dtype, (devices or [device])[0], get_method(cfg.method).trains_base)
     fsdp = cfg.sharding == "fsdp" and dist.is_initialized()  # under torchrun, one process included
     if fsdp:
         if cfg.cpu_offload and not on_gpu(device):
@@ -231,6 +240,10 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.task == "dpo" and cfg.precompute_ref:
         precompute_reference(run)  # before resume: the reference is the model as it starts
     resume(run)
+    if cfg.dtype == "auto":
+        threads = torch.get_num_threads()
+        cpu = f"; {threads} CPU thread{'s' if threads != 1 else ''}" if not on_gpu(device) else ""
+        run.say(f"dtype auto: {str(dtype).removeprefix('torch.')} base ({why}){cpu}")
     run.say(f"training {sum(p.numel() for p in run.named.values()):,} parameters ({cfg.method}, {cfg.task}) on "
             f"{world} process(es): tensor-parallel {tp} x data-parallel {dp}{' (fsdp)' if is_sharded(task_model) else ''}; "
             f"{len(rows)} rows, {total_steps} steps")

@@ -5,6 +5,7 @@ from typing import Callable, Optional
 import torch
 
 from llama.chat import Message, encode_dialog
+from llama.cpu_kind import auto_dtype
 from llama.distributed import setup_model_parallel
 from llama.errors import LlamaInputError
 from llama.formats import read_model_args
@@ -20,11 +21,14 @@ DTYPES = {
 }
 
 
-def parse_dtype(dtype) -> torch.dtype:
+def parse_dtype(dtype, device="cpu") -> torch.dtype:
+    """A dtype by name; "auto" is llama.cpu_kind.auto_dtype's choice for `device`."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device)[0]
     if dtype not in DTYPES:
-        raise LlamaInputError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+        raise LlamaInputError(f"unknown dtype {dtype!r}; choose from auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -106,7 +110,8 @@ class Llama:
         args = read_model_args(ckpt_dir)
         tokenizer = Tokenizer(tokenizer_path or find_tokenizer(ckpt_dir))
         check_vocab(args, tokenizer)
-        model = load_model(ckpt_dir, args, parse_dtype(dtype), device, rank, world, quant, group_size)
+        model = load_model(ckpt_dir, args, parse_dtype(dtype, devices[0] if devices else device), device, rank, world,
+                           quant, group_size)
         if devices is not None:
             place_layers(model, devices, device_shares(devices))
         model.setup_caches(max_batch_size, max_seq_len)

@@ -557,13 +557,16 @@ PROMPTS = ["The red cat", "What is 12 plus 30? The answer", "hi"]
 
 
 def prompt_flags():
-    """example.py's flags for greedy text of PROMPTS."""
-    return [f for p in PROMPTS for f in ("--prompt", p)] + ["--temperature", "0", "--max_gen_len", "16"]
+    """example.py's flags for greedy float32 text of PROMPTS (float32: dtype auto would be bfloat16 on
+    some CPUs, where rounding differs between one process and tensor-parallel ranks)."""
+    return [f for p in PROMPTS for f in ("--prompt", p)] + ["--temperature", "0", "--max_gen_len", "16",
+                                                             "--dtype", "float32"]
 
 
-def run(cmd, timeout=300, **kw) -> subprocess.CompletedProcess:
-    """cmd (items str()'d) from the repository root, one OpenMP thread, output captured as text."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def run(cmd, timeout=300, env=None, **kw) -> subprocess.CompletedProcess:
+    """cmd (items str()'d) from the repository root, one OpenMP thread (unless env says otherwise:
+    it is added to the environment), output captured as text."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=env, **kw)
 

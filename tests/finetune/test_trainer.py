@@ -23,7 +23,8 @@ from finetune.adapters import attach, load_adapter
 from finetune.config import TrainConfig
 from finetune.demo import FACTS
 from finetune.state import checkpoints, load_state
-from finetune.trainer import base_dtype, lr_factor, train
+from finetune.trainer import base_dtype, lr_factor, read_losses, train
+from llama import cpu_kind
 from llama.formats import read_model_args, save_checkpoint
 from llama.loader import load_model
 from llama.tiny import random_model
@@ -343,7 +344,7 @@ def test_embedded_demo_and_example_with_its_adapter(tmp_path):
     line = next(ln for ln in run.stdout.splitlines() if ln.startswith("exact match after training"))
     assert float(line.split(":")[1].split("%")[0]) >= 80.0, line
     gen = subprocess.run([sys.executable, "example.py", "--ckpt_dir", str(ROOT / "ckpts" / "demo"), "--adapter",
-                          str(out / "adapter"), "--temperature", "0", "--max_gen_len", "8",
+                          str(out / "adapter"), "--temperature", "0", "--max_gen_len", "8", "--dtype", "float32",
                           "--prompt", "What color is the frog?", "--prompt", "Where does the whale live?"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert gen.returncode == 0, gen.stderr
@@ -367,21 +368,55 @@ def test_resuming_a_finished_run_reports_its_eval(base_ckpt, tmp_path):
     assert again["eval_loss"] == pytest.approx(first["eval_loss"], rel=1e-6)
 
 
-@pytest.mark.parametrize("dtype,expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16)])
-def test_auto_dtype_is_float32_on_cpu(base_ckpt, tmp_path, dtype, expected):
-    """dtype auto (the default) keeps a CPU base in float32, where 16-bit matmuls are ~10x slower;
+@pytest.mark.parametrize("dtype, flags, expected", [
+    ("auto", set(), torch.float32), ("auto", {"avx2"}, torch.float32), ("auto", {"avx512_bf16"}, torch.bfloat16),
+    ("auto", {"amx_bf16"}, torch.bfloat16), ("bfloat16", set(), torch.bfloat16), ("float32", {"amx_bf16"}, torch.float32),
+])
+def test_auto_dtype_on_cpu_follows_native_bf16(base_ckpt, tmp_path, monkeypatch, capsys, dtype, flags, expected):
+    """dtype auto (the default) loads a CPU base in bfloat16 where the CPU runs it natively
+    (AVX512-BF16 or AMX), float32 elsewhere, where 16-bit matmuls are ~10x slower, and says so;
     the merged checkpoint is written in the base's dtype, which shows what was loaded."""
+    monkeypatch.setattr(cpu_kind, "cpu_flags", lambda: set(flags))
     assert TrainConfig().dtype == "auto"
     train(trainer_config(base_ckpt, tmp_path, dtype=dtype, merge=True, max_steps=1, lora_targets=["wq", "wv"]))
     files = sorted((tmp_path / "merged").glob("*.safetensors"))
     assert files
     assert {t.dtype for f in files for t in load_file(f).values()} == {expected}
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("dtype auto:")]
+    assert len(said) == (dtype == "auto")
+    if said:
+        assert said[0].startswith(f"dtype auto: {str(expected)[6:]} base (")
+        assert ("natively" in said[0]) == (expected == torch.bfloat16)
 
 
-def test_base_dtype_resolves_auto_by_device():
-    assert base_dtype("auto", "cuda:1") == base_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
-    assert base_dtype("auto", torch.device("cpu")) == base_dtype("auto", "cpu") == torch.float32
-    assert base_dtype("float16", "cpu") == torch.float16
+def test_base_dtype_resolves_auto_by_device_cpu_and_method(monkeypatch):
+    monkeypatch.setattr(cpu_kind, "cpu_flags", lambda: {"avx2", "avx512f"})
+    assert base_dtype("auto", "cuda:1")[0] == base_dtype("auto", torch.device("cuda", 0))[0] == torch.bfloat16
+    assert base_dtype("auto", torch.device("cpu"))[0] == base_dtype("auto", "cpu")[0] == torch.float32
+    monkeypatch.setattr(cpu_kind, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert base_dtype("auto", "cpu") == (torch.bfloat16, "this CPU runs bf16 natively: avx512_bf16")
+    assert base_dtype("auto", "cpu", trains_base=True)[0] == torch.float32  # full / freeze train float32 weights
+    assert base_dtype("auto", "cuda", trains_base=True)[0] == torch.bfloat16
+    assert base_dtype("float16", "cpu")[0] == torch.float16
+
+
+# |bf16 - float32| per step, losses ~5.7: the base's weights rounded to bf16 (8 bits of mantissa,
+# ~4e-3 relative) shift the tiny model's loss by ~3e-4 here; 30x that leaves room for other CPUs' kernels
+BF16_LOSS_TOL = 0.01
+
+
+def test_bf16_base_losses_stay_near_float32(base_ckpt, tmp_path):
+    """A bfloat16 base (what dtype auto picks on a CPU with AVX512-BF16 or AMX) trains LoRA to the
+    float32 run's losses within BF16_LOSS_TOL at every step of 12, and the losses fall in both."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        train(trainer_config(base_ckpt, tmp_path / dtype, dtype=dtype, max_steps=12))
+        losses[dtype] = read_losses(tmp_path / dtype / "metrics.jsonl")[0]
+    f32, bf16 = (torch.tensor([loss for _, loss in losses[d]]) for d in ("float32", "bfloat16"))
+    assert len(f32) == len(bf16) == 12
+    assert f32[-1] < f32[0] - 0.2 and bf16[-1] < bf16[0] - 0.2
+    assert (f32 - bf16).abs().max() <= BF16_LOSS_TOL, (f32 - bf16).abs().max()
+    assert not torch.equal(f32, bf16)  # the bf16 run did round
 
 
 @pytest.mark.parametrize("capability,want", [((7, 0), (torch.float16, torch.float16)),
@@ -397,9 +432,9 @@ def test_auto_on_a_gpu_without_bf16_takes_fp16_and_says_so(monkeypatch, capsys, 
     gpu_has_bf16.cache_clear()
     try:
         cfg = TrainConfig(dtype="auto", precision="auto").check()
-        assert (base_dtype("auto", "cuda:0"), amp_dtype(cfg, "cuda:0")) == want
+        assert (base_dtype("auto", "cuda:0")[0], amp_dtype(cfg, "cuda:0")) == want
         assert amp_dtype(replace(cfg, precision="bf16"), "cuda:0") == torch.bfloat16  # asked for: kept
-        assert base_dtype("auto", "cpu") == torch.float32 and amp_dtype(cfg, "cpu") is None
+        assert amp_dtype(cfg, "cpu") is None
         err = capsys.readouterr().err
         if want[0] == torch.float16:
             assert err.count("\n") == 1 and "Tesla V100-SXM2-16GB has no native bf16" in err

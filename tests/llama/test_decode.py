@@ -1,4 +1,4 @@
-"""The decoding speed paths: llama.cpu_linear.linear's threaded few-row product, the complex RoPE,
+"""The decoding speed paths: llama.cpu_linear's threaded few-row product inside generation, the complex RoPE,
 attention without a mask for one token over the cache, last_only prefill logits, and greedy
 Llama.generate token for token against HF transformers' generate on the same weights.
 
@@ -9,7 +9,6 @@ import contextlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import llama.cpu_linear as cpu_linear
 
@@ -18,8 +17,7 @@ transformers = pytest.importorskip("transformers")
 from finetune.methods.prompt import PromptTuning  # noqa: E402
 from llama.generation import Llama  # noqa: E402
 from llama.model import Transformer, apply_rope, attention_mask  # noqa: E402
-from llama.cpu_linear import Linear, linear  # noqa: E402
-from llama.tp import column_linear, row_linear  # noqa: E402
+from llama.cpu_linear import Linear  # noqa: E402
 from llama.tokenizers import Tokenizer  # noqa: E402
 from tests.utils import (  # noqa: E402
     CASES, TOL_CACHE, VOCAB, CountCalls, build_hf_model, load_ours, max_diff, random_tokens, rel_err, tiny_args,
@@ -48,138 +46,12 @@ def ref_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.double() @ w.double().T
 
 
-# --- llama.cpu_linear.linear / Linear -----------------------------------------------------------------
-
-
 @pytest.fixture(autouse=True)
-def split_tiny_weights(request, monkeypatch):
-    """Tiny test weights take the threaded path too (it is skipped below GEMV_SPLIT_MIN elements),
-    except in the test of that threshold itself."""
-    if "real_threshold" not in request.keywords:
-        monkeypatch.setattr(cpu_linear, "GEMV_SPLIT_MIN", 0)
-
-
-@pytest.mark.real_threshold
-def test_linear_small_weight_uses_f_linear():
-    """Below GEMV_SPLIT_MIN elements one thread is cheaper than waking the second: F.linear."""
-    rows = cpu_linear.GEMV_SPLIT_MIN // 64
-    for out_features, path in ((rows // 2, "linear"), (rows, "bmm")):
-        w, x = torch.randn(out_features, 64), torch.randn(1, 64)
-        with num_threads(2), CountCalls() as calls:
-            y = linear(x, w)
-        assert calls.count("bmm") == (path == "bmm") and calls.count("linear") == (path == "linear")
-        assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
-
-
-@pytest.mark.parametrize("threads", [2, 3])
-@pytest.mark.parametrize("out_features", [12, 14, 13])  # 14: divisible by 2, not by 3
-@pytest.mark.parametrize("x_shape", [(40,), (1, 40), (1, 1, 40)])
-def test_linear_one_row_matches_float64(threads, out_features, x_shape):
-    """One float32 CPU row: bmm over `threads` row blocks of W when out % threads == 0, F.linear
-    otherwise; both equal x @ W.T in float64, with x's leading shape kept."""
-    g = torch.Generator().manual_seed(out_features * 10 + threads)
-    w = torch.randn(out_features, 40, generator=g)
-    x = torch.randn(x_shape, generator=g)
-    with num_threads(threads), CountCalls() as calls:
-        y = linear(x, w)
-    assert y.shape == (*x_shape[:-1], out_features) and y.dtype == torch.float32
-    assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
-    divisible = out_features % threads == 0
-    assert calls.count("bmm") == (1 if divisible else 0)
-    assert calls.count("linear") == (0 if divisible else 1)
-
-
-def test_linear_non_contiguous_row_takes_the_bmm_path():
-    torch.manual_seed(1)
-    w = torch.randn(16, 40)
-    x = torch.randn(80)[::2]  # a strided row
-    assert not x.is_contiguous()
-    with num_threads(2), CountCalls() as calls:
-        y = linear(x, w)
-    assert calls.count("bmm") == 1
-    assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
-
-
-@pytest.mark.parametrize("x_shape, path", [
-    *[(shape, "bmm") for shape in [(2, 40), (1, 3, 40), (3, 1, 40), (8, 40), (2, 4, 40)]],  # up to GEMV_MAX_ROWS
-    *[(shape, "linear") for shape in [(9, 40), (3, 3, 40), (64, 40)]],
-])
-def test_linear_rows_pick_the_path(x_shape, path):
-    torch.manual_seed(2)
-    w = torch.randn(16, 40)
-    x = torch.randn(x_shape)
-    with num_threads(2), CountCalls() as calls:
-        y = linear(x, w)
-    assert calls.count("bmm") == (path == "bmm") and calls.count("linear") == (path == "linear")
-    assert y.shape == (*x_shape[:-1], 16) and y.is_contiguous()  # as F.linear's: views of it follow
-    assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
-
-
-def test_linear_falls_back_with_one_thread():
-    torch.manual_seed(3)
-    w, x = torch.randn(16, 40), torch.randn(1, 40)
-    old = torch.get_num_threads()
-    with num_threads(1), CountCalls() as calls:
-        assert torch.get_num_threads() == 1
-        y = linear(x, w)
-    assert torch.get_num_threads() == old  # restored
-    assert calls.count("bmm") == 0 and calls.count("linear") == 1
-    assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
-
-
-def test_linear_falls_back_for_non_contiguous_weight():
-    torch.manual_seed(4)
-    w = torch.randn(40, 16).T  # [16, 40], transposed storage
-    assert not w.is_contiguous()
-    x = torch.randn(1, 40)
-    with num_threads(2), CountCalls() as calls:
-        y = linear(x, w)
-    assert calls.count("bmm") == 0 and calls.count("linear") == 1
-    assert rel_err(y, ref_linear(x, w)) <= TOL_LINEAR
-
-
-def test_linear_falls_back_for_float64():
-    torch.manual_seed(5)
-    w, x = torch.randn(16, 40, dtype=torch.float64), torch.randn(1, 40, dtype=torch.float64)
-    with num_threads(2), CountCalls() as calls:
-        y = linear(x, w)
-    assert calls.count("bmm") == 0 and y.dtype == torch.float64
-    assert rel_err(y, ref_linear(x, w)) <= 1e-12
-
-
-@pytest.mark.parametrize("x_shape", [(40,), (1, 1, 40)])
-def test_linear_bmm_path_gradients_match_f_linear(x_shape):
-    g = torch.Generator().manual_seed(7)
-    w0, x0 = torch.randn(24, 40, generator=g), torch.randn(x_shape, generator=g)
-    up = torch.randn(*x_shape[:-1], 24, generator=g)  # upstream gradient
-
-    w, x = w0.clone().requires_grad_(), x0.clone().requires_grad_()
-    with num_threads(2), CountCalls() as calls:
-        (linear(x, w) * up).sum().backward()
-    assert calls.count("bmm") == 1
-    w_ref, x_ref = w0.double().requires_grad_(), x0.double().requires_grad_()
-    (F.linear(x_ref, w_ref) * up.double()).sum().backward()
-    assert rel_err(x.grad, x_ref.grad) <= TOL_LINEAR
-    assert rel_err(w.grad, w_ref.grad) <= TOL_LINEAR
-    # and against float32 F.linear's own gradients
-    w32, x32 = w0.clone().requires_grad_(), x0.clone().requires_grad_()
-    (F.linear(x32, w32) * up).sum().backward()
-    torch.testing.assert_close(x.grad, x32.grad, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(w.grad, w32.grad, rtol=1e-6, atol=1e-6)
-
-
-def test_linear_module_in_one_process():
-    """column_linear / row_linear give our Linear (no bias) in one process; its forward is `linear`."""
-    torch.manual_seed(6)
-    col, row = column_linear(40, 24), row_linear(40, 24)
-    for layer in (col, row):
-        assert isinstance(layer, Linear) and isinstance(layer, torch.nn.Linear)
-        assert layer.bias is None and layer.weight.shape == (24, 40)
-    x = torch.randn(1, 40)
-    with num_threads(2), CountCalls() as calls, torch.no_grad():
-        y = col(x)
-    assert calls.count("bmm") == 1
-    assert rel_err(y, ref_linear(x, col.weight)) <= TOL_LINEAR
+def split_path(monkeypatch):
+    """The row-block split forced (LLAMA_CPU_LINEAR=split), so the one-row products take it
+    whatever this machine's calibration would pick: the counts of bmm below check it was taken.
+    Its own tests, and the calibration's, are in test_cpu_linear.py."""
+    monkeypatch.setenv(cpu_linear.ENV, "split")
 
 
 # --- RoPE and masks ---------------------------------------------------------------------------------

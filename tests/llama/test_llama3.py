@@ -228,7 +228,7 @@ def test_ft_main_and_example_chat_on_a_tiny_llama3(tmp_path, tiny_tok_path, tok)
     assert "exact match after training: 100.0% of 2 eval samples" in trained.stdout
     answer = run([sys.executable, "example.py", "--ckpt_dir", out / "model", "--tokenizer_path", tiny_tok_path,
                   "--chat", "--prompt", "Hi there", "--prompt", "Hi there", "--temperature", "0",
-                  "--max_gen_len", "8"], timeout=240)
+                  "--max_gen_len", "8", "--dtype", "float32"], timeout=240)
     assert answer.returncode == 0, answer.stderr[-2000:]
     assert answer.stdout.count("Hi there\n> Hello!\n") == 2
 

@@ -335,7 +335,7 @@ def test_merge_on_an_int4_base_exports_a_float_checkpoint_that_requantizes(fp16_
 
 def generate(ckpt, *extra) -> str:
     cmd = ["example.py", "--ckpt_dir", ckpt, "--quant", "int4", "--group_size", GROUP, "--temperature", "0",
-           "--max_gen_len", "12", "--prompt", "What color is the frog?", "--prompt", "The quick robot", *extra]
+           "--dtype", "float32", "--max_gen_len", "12", "--prompt", "What color is the frog?", "--prompt", "The quick robot", *extra]
     return run_python(cmd).stdout
 
 
