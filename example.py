@@ -71,7 +71,9 @@ def main(argv=None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     say = print if rank == 0 else (lambda *a, **k: None)
     if args.ckpt_dir is None:
-        if not (DEMO_CKPT / "params.json").is_file():
+        from finetune.demo import demo_model_built
+
+        if not demo_model_built(DEMO_CKPT):
             print(
                 f"error: no --ckpt_dir given and no demo model at {DEMO_CKPT}.\n"
                 "Run `python ft_main.py` first (it builds and fine-tunes the demo), or point --ckpt_dir "

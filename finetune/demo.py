@@ -127,14 +127,20 @@ def write_demo_data(folder=DATA_DIR) -> None:
     write_jsonl(Path(folder) / "pref_eval.jsonl", eval_pairs)
 
 
+def demo_model_built(model_dir=MODEL_DIR) -> bool:
+    """Whether ensure_demo_model has built the model: the pretraining run writes it as
+    merge_format says (hf: config.json; ours: params.json), with its tokenizer."""
+    out = Path(model_dir)
+    return any((out / f).is_file() for f in ("params.json", "config.json")) and (out / "tokenizer.model").is_file()
+
+
 def ensure_demo_model(model_dir=MODEL_DIR, data_dir=DATA_DIR, model_args: dict = DEMO_ARGS) -> Path:
     """Build the demo base model unless it is there: a sentencepiece tokenizer trained on the
     generated corpus and the demo data, a random tiny LLaMA, then a short full pretraining (task
     pt) on data/demo/pretrain.jsonl. Every torchrun rank calls this; rank 0 writes the files.
     model_args: the ModelArgs shape (benchmarks build wider variants)."""
     out, data = Path(model_dir), Path(data_dir)
-    # built: the pretraining run writes it as merge_format says (hf: config.json; ours: params.json)
-    if any((out / f).is_file() for f in ("params.json", "config.json")) and (out / "tokenizer.model").is_file():
+    if demo_model_built(out):
         return out
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     work = out.with_name(out.name + ".build")
