@@ -26,9 +26,10 @@ setup(
         # references the tests compare against; never imported by the package
         # triton: the GPU int4 kernel is checked on CPU under TRITON_INTERPRET=1
         # llama-models: Meta's reference Llama-3 tokenizer and chat format, and the real tokenizer.model,
-        # as test references
-        "test": ["pytest", "transformers>=4.45", "peft>=0.13", "triton", "llama-models==0.3.0"],
-        # peers the benchmarks run beside ours (llama.cpp too when llama-cpp-python and gguf are installed)
-        "bench": ["transformers>=4.56", "peft>=0.13"],  # 4.56: from_pretrained(dtype=)
+        # as test references; trl: DPOTrainer's loss and gradients (1.16: loss_type as a list)
+        "test": ["pytest", "transformers>=4.45", "peft>=0.13", "triton", "llama-models==0.3.0", "trl>=1.16"],
+        # peers the benchmarks run beside ours (llama.cpp too when llama-cpp-python and gguf are installed):
+        # HF + PEFT loops and HF Trainer (accelerate), TRL's DPOTrainer
+        "bench": ["transformers>=4.56", "peft>=0.13", "accelerate", "trl>=1.16"],  # 4.56: from_pretrained(dtype=)
     },
 )
