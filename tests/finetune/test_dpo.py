@@ -335,3 +335,31 @@ def test_two_processes_match_one(ckpt, tmp_path, precompute_ref):
         got, want = load_file(str(tmp_path / "dp" / "ref_logps.safetensors")), load_file(str(tmp_path / "one" / "ref_logps.safetensors"))
         for k in want:
             torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("method,extra", [("lora", {}), ("freeze", {"precompute_ref": True, "train_layers": 1})])
+def test_merged_result_loads_in_transformers_as_the_trained_policy(ckpt, tmp_path, method, extra):
+    """merge = true after DPO: the merged LoRA (merged/) or the tuned model (model/, freeze) is an
+    HF folder whose logits in transformers equal the trained policy's own (base + adapter, or the
+    checkpointed blocks), and differ from the base's."""
+    transformers = pytest.importorskip("transformers")
+    from finetune.adapters import load_adapter
+    from llama.formats import read_model_args
+    from llama.loader import load_model
+
+    out = tmp_path / method
+    train(dpo_config(ckpt, out, method=method, merge=True, max_steps=3, lr=3e-3 if method == "freeze" else 1e-2,
+                     **extra))
+    args = read_model_args(ckpt)
+    tokens = torch.randint(1, args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    folder = out / ("merged" if method == "lora" else "model")
+    with torch.no_grad():
+        base_logits = load_model(ckpt, args)(tokens)
+        if method == "lora":
+            policy_logits = load_adapter(load_model(ckpt, args), out / "adapter").eval()(tokens)
+        else:
+            policy_logits = load_model(folder, read_model_args(folder))(tokens)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        hf_logits = hf(tokens).logits
+    assert (policy_logits - base_logits).abs().max() > 1e-4, "DPO changed nothing"
+    torch.testing.assert_close(hf_logits, policy_logits, rtol=1e-5, atol=1e-5)
