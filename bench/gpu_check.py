@@ -562,7 +562,7 @@ def inference(ctx: Ctx) -> dict:
     for compiled in ([False, True] if ctx.cuda else [False]):
         name = "compiled" if compiled else "eager"
         ctx.at(f"batch-1 greedy decode, {name}")
-        run = decoder(ckpt, prompt, new, torch.float32, ctx.device, compile=compiled)
+        run = decoder(ckpt, [prompt], new, torch.float32, ctx.device, compile=compiled)
         tokens[name] = run()  # the warm-up (and compilation)
         times = []
         for _ in range(3 if ctx.cuda else 1):
