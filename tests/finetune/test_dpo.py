@@ -293,6 +293,19 @@ def test_full_fine_tuning_precomputes_the_reference_once(ckpt, tmp_path, capsys)
     assert "reusing" in capsys.readouterr().out
 
 
+def test_prompt_tuning_run(ckpt, tmp_path):
+    """DPO with prompt tuning: the reference is the base without the virtual tokens (fresh virtual
+    tokens already change the policy's log-probs, so unlike a fresh LoRA's the step-1 rewards are
+    not 0); the loss falls, and the adapter is PEFT's one tensor."""
+    out = tmp_path / "prompt"
+    train(dpo_config(ckpt, out, method="prompt", num_virtual_tokens=4, lr=3e-2, max_steps=8))
+    m = metrics_by_step(out)
+    losses = [m[(s, "train")]["loss"] for s in range(1, 9)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    assert m[(1, "train")]["rewards/chosen"] != 0.0  # the virtual tokens are there from step 1; the reference has none
+    assert list(load_file(str(out / "adapter" / "adapter_model.safetensors"))) == ["prompt_embeddings"]
+
+
 @pytest.mark.parametrize("quant", ["int4", "nf4"])
 def test_quantized_base(ckpt, tmp_path, quant):
     """LoRA DPO on a base rounded to int4 (our kernels) or NF4 (bitsandbytes) on load: the
