@@ -11,6 +11,7 @@ imported as `from tests.utils import ...`, never from another test module.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -241,6 +242,29 @@ def random_tokens(seed: int, shape=(2, SEQ)) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, shape, generator=g)
 
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    """torch.set_num_threads(n) inside the block, the old count restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def ref_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w.T in float64: the reference of every linear-path test."""
+    return x.double() @ w.double().T
+
+
+def write_ckpt(folder, args, tokenizer_path, seed: int):
+    """A random tiny LLaMA of `args` (seed) in our format in `folder`, the tokenizer beside it."""
+    save_checkpoint(random_model(args, seed=seed), folder)
+    shutil.copy(tokenizer_path, folder / "tokenizer.model")
+    return folder
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """The largest absolute difference relative to ref's largest magnitude, in float64."""

@@ -25,7 +25,9 @@ from finetune.data import PairExample, collate  # noqa: E402
 from finetune.methods.lora import lora_layers  # noqa: E402
 from finetune.trainer import train  # noqa: E402
 from llama.errors import LlamaInputError  # noqa: E402
-from tests.utils import ROOT, hf_from_ours, make_ours, metrics_by_step, peft_module_name, tiny_args  # noqa: E402
+from tests.utils import (  # noqa: E402
+    ROOT, hf_from_ours, make_ours, metrics_by_step, peft_module_name, tiny_args, write_ckpt,
+)
 
 PREF_TRAIN, PREF_EVAL = ROOT / "data" / "demo" / "pref_train.jsonl", ROOT / "data" / "demo" / "pref_eval.jsonl"
 TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -229,15 +231,7 @@ def test_disabled_adapter_reference_is_the_base_model(method):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tokenizer_path):
-    import shutil
-
-    from llama.formats import save_checkpoint
-    from llama.tiny import random_model
-
-    folder = tmp_path_factory.mktemp("dpo_base")
-    save_checkpoint(random_model(tiny_args(), seed=1), folder)
-    shutil.copy(tokenizer_path, folder / "tokenizer.model")
-    return folder
+    return write_ckpt(tmp_path_factory.mktemp("dpo_base"), tiny_args(), tokenizer_path, seed=1)
 
 
 def dpo_config(ckpt, out_dir, **kw) -> TrainConfig:

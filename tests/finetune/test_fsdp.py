@@ -15,8 +15,10 @@ import pytest
 from safetensors.torch import load_file
 
 from llama.errors import LlamaInputError
-from tests.finetune.test_torchrun import COMMON, adapter, assert_same_run, write_ckpt
-from tests.utils import ROOT, assert_same_tensors, metrics_by_step as metrics, one_process, tiny_args, torchrun
+from tests.finetune.test_torchrun import COMMON, adapter, assert_same_run
+from tests.utils import (
+    ROOT, assert_same_tensors, metrics_by_step as metrics, one_process, tiny_args, torchrun, write_ckpt,
+)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ saved adapter is a PEFT SEQ_CLS adapter whose scores HF's LlamaForSequenceClassi
 reproduce."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -17,10 +16,9 @@ from finetune.adapters import attach, load_adapter  # noqa: E402
 from finetune.config import TrainConfig  # noqa: E402
 from finetune.data import PairExample, collate  # noqa: E402
 from finetune.trainer import train  # noqa: E402
-from llama.formats import read_model_args, save_checkpoint  # noqa: E402
+from llama.formats import read_model_args  # noqa: E402
 from llama.loader import load_model  # noqa: E402
-from llama.tiny import random_model  # noqa: E402
-from tests.utils import ROOT, hf_from_ours, make_ours, metrics_by_step, tiny_args  # noqa: E402
+from tests.utils import ROOT, hf_from_ours, make_ours, metrics_by_step, tiny_args, write_ckpt  # noqa: E402
 
 PREF_TRAIN, PREF_EVAL = ROOT / "data" / "demo" / "pref_train.jsonl", ROOT / "data" / "demo" / "pref_eval.jsonl"
 
@@ -54,10 +52,7 @@ def test_loss_and_head_gradient_match_a_float64_reference():
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tokenizer_path):
-    folder = tmp_path_factory.mktemp("rm_base")
-    save_checkpoint(random_model(tiny_args(), seed=1), folder)
-    shutil.copy(tokenizer_path, folder / "tokenizer.model")
-    return folder
+    return write_ckpt(tmp_path_factory.mktemp("rm_base"), tiny_args(), tokenizer_path, seed=1)
 
 
 def test_run_logs_accuracy_and_margin_and_saves_a_seq_cls_adapter(ckpt, tmp_path):

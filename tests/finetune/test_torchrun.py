@@ -12,12 +12,11 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from finetune.demo import FACTS
-from llama.tiny import random_model
-from llama.formats import read_model_args, save_checkpoint
+from llama.formats import read_model_args
 from llama.loader import load_model
 from tests.utils import (
     DEMO_EVAL, DEMO_TRAIN, assert_same_tensors, metrics_by_step as metrics, one_process, run,
-    tiny_args, torchrun,
+    tiny_args, torchrun, write_ckpt,
 )
 
 COMMON = dict(dtype="float32", device="cpu", method="lora", task="sft", train_file=str(DEMO_TRAIN),
@@ -28,12 +27,6 @@ COMMON = dict(dtype="float32", device="cpu", method="lora", task="sft", train_fi
 # adam_eps 1e-6 rather than 1e-8: Adam divides by sqrt(v) + eps, so a weight whose gradient is ~0
 # turns float32 summation-order noise (1e-7) into an update of up to lr; a larger eps damps that
 # without hiding real differences (a wrong gradient scale still shows in grad_norm and the loss)
-
-
-def write_ckpt(folder, args, tokenizer_path, seed: int):
-    save_checkpoint(random_model(args, seed=seed), folder)
-    shutil.copy(tokenizer_path, folder / "tokenizer.model")
-    return folder
 
 
 @pytest.fixture(scope="module")

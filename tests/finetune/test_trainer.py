@@ -5,7 +5,6 @@ metrics.jsonl, loss.png, the exported adapter and the merged checkpoint."""
 import json
 import math
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -25,12 +24,12 @@ from finetune.demo import FACTS
 from finetune.state import checkpoints, load_state
 from finetune.trainer import base_dtype, lr_factor, read_losses, train
 from llama import cpu_kind
-from llama.formats import read_model_args, save_checkpoint
+from llama.formats import read_model_args
 from llama.loader import load_model
-from llama.tiny import random_model
 from llama.tokenizers import Tokenizer
 from tests.utils import (
     DEMO_EVAL, DEMO_TRAIN, ROOT, assert_same_tensors, eval_loss_of, read_metrics, tiny_args, trainer_config,
+    write_ckpt,
 )
 
 METRIC_KEYS = ("loss", "lr", "grad_norm", "epoch", "eval_loss", "eval_ppl", "eval_accuracy")
@@ -39,10 +38,7 @@ METRIC_KEYS = ("loss", "lr", "grad_norm", "epoch", "eval_loss", "eval_ppl", "eva
 @pytest.fixture(scope="module")
 def base_ckpt(tmp_path_factory, tokenizer_path):
     """A tiny random LLaMA in our checkpoint format, with the session tokenizer beside it."""
-    out = tmp_path_factory.mktemp("base")
-    save_checkpoint(random_model(tiny_args(), seed=0), out)
-    shutil.copy(tokenizer_path, out / "tokenizer.model")
-    return out
+    return write_ckpt(tmp_path_factory.mktemp("base"), tiny_args(), tokenizer_path, seed=0)
 
 
 def by_step(records: list[dict]) -> dict:

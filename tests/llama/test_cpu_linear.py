@@ -1,8 +1,6 @@
 """llama.cpu_linear: each path forced by LLAMA_CPU_LINEAR gives F.linear's product; the automatic
 choice is calibrated once per shape, keeps the split only when it is clearly faster, and is cached;
 a bad LLAMA_CPU_LINEAR is one clear error. References: float64 torch and float32 F.linear."""
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,23 +9,9 @@ import llama.cpu_linear as cpu_linear
 from llama.cpu_linear import Linear, linear
 from llama.errors import LlamaInputError
 from llama.tp import column_linear, row_linear
-from tests.utils import CountCalls, rel_err
+from tests.utils import CountCalls, num_threads, ref_linear, rel_err
 
 TOL_LINEAR = 1e-6  # relative error of the float32 product against float64
-
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def ref_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x.double() @ w.double().T
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ Llama.generate token for token against HF transformers' generate on the same wei
 References are independent of our code: float64 torch for the linear and the rotation, HF's
 LlamaForCausalLM (eager attention, its own KV cache) for whole models and generation.
 """
-import contextlib
 
 import pytest
 import torch
@@ -20,8 +19,8 @@ from llama.model import Transformer, apply_rope, attention_mask  # noqa: E402
 from llama.cpu_linear import Linear  # noqa: E402
 from llama.tokenizers import Tokenizer  # noqa: E402
 from tests.utils import (  # noqa: E402
-    CASES, TOL_CACHE, VOCAB, CountCalls, build_hf_model, load_ours, max_diff, random_tokens, rel_err, tiny_args,
-    write_meta_checkpoint,
+    CASES, TOL_CACHE, VOCAB, CountCalls, build_hf_model, load_ours, max_diff, num_threads, random_tokens, rel_err,
+    tiny_args, write_meta_checkpoint,
 )
 
 TOL_LINEAR = 1e-6  # relative error of the float32 product against float64
@@ -30,20 +29,6 @@ N_NEW = 24  # greedy tokens per prompt (HF's smallest top-1 / top-2 logit gap on
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def num_threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def ref_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x.double() @ w.double().T
 
 
 @pytest.fixture(autouse=True)
