@@ -1,5 +1,5 @@
 """Greedy decoding of bench-58M: tokens/s of ours (eager, and with the decode step compiled:
-Llama(compile=True)) against HF `generate`, and against llama.cpp on the same weights when
+Llama(compile=True), and with the weights frozen into the graph: compile="max") against HF `generate`, and against llama.cpp on the same weights when
 `llama_cpp` and `gguf` are importable (batch 1 only).
 
     python bench/decode.py                       # CPU, float32: batch 1, 128 new tokens after a 16-token prompt, 5 runs
@@ -45,7 +45,7 @@ from llama.generation import Llama  # noqa: E402
 from llama import cpu_linear  # noqa: E402
 
 
-def ours(ckpt: Path, prompts: list[list[int]], new: int, dtype, device: str, compile: bool = False,
+def ours(ckpt: Path, prompts: list[list[int]], new: int, dtype, device: str, compile=False,
          linear_path: str = ""):
     """A run of our greedy generate over prompts; linear_path forces llama/cpu_linear.py's path
     (LLAMA_CPU_LINEAR) during the run."""
@@ -179,7 +179,8 @@ def main() -> None:
     p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even if it is importable")
     p.add_argument("--no-compile", action="store_true",
                    help="skip 'ours compiled' (Llama(compile=True): the decode step through torch.compile, "
-                        "compiled during the warm-up, 20-50 s)")
+                        "compiled during the warm-up, 20-50 s) and 'ours compiled max' (compile=\"max\": the "
+                        "weights frozen into the graph, inductor's GEMM kernels timed per shape, ~1 min)")
     p.add_argument("--linear-paths", action="store_true",
                    help="also run ours (eager) with each linear path forced: LLAMA_CPU_LINEAR=plain (F.linear "
                         "everywhere) and =split (the row-block split wherever it applies)")
@@ -199,6 +200,7 @@ def main() -> None:
         builders = {"ours": lambda: ours(ckpt, prompts, a.new, dtype, a.device)}
         if not a.no_compile:
             builders["ours compiled"] = lambda: ours(ckpt, prompts, a.new, dtype, a.device, compile=True)
+            builders["ours compiled max"] = lambda: ours(ckpt, prompts, a.new, dtype, a.device, compile="max")
         if a.linear_paths:
             builders["ours F.linear"] = lambda: ours(ckpt, prompts, a.new, dtype, a.device, linear_path="plain")
             builders["ours split"] = lambda: ours(ckpt, prompts, a.new, dtype, a.device, linear_path="split")

@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import quant  # noqa: F401  (registers the int4 and NF4 bases and GPTQ folders with the loader)
-from llama.cpu_kind import auto_dtype
+from llama.cpu_kind import auto_dtype, gpu_native_bf16
 from llama.distributed import data_parallel_group, model_parallel_rank, setup_model_parallel
 from llama.errors import LlamaInputError
 from llama.export import export
@@ -70,8 +70,8 @@ def on_gpu(device) -> bool:
 def gpu_has_bf16(device: str) -> bool:
     """Native bf16 (compute capability 8.0, Ampere, or later; torch.cuda.is_bf16_supported also
     counts slow emulation). Without it `auto` takes fp16, said once per device."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability(torch.device(device)) >= (8, 0):
-        return True  # no GPU to ask (a config resolved ahead, a plan): bf16, the GPU default
+    if gpu_native_bf16(device):
+        return True
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: {torch.cuda.get_device_name(torch.device(device))} has no native bf16: dtype and precision "
               f"'auto' take float16 (fp16 autocast with loss scaling) instead", file=sys.stderr)

@@ -51,11 +51,21 @@ def native_bf16() -> Optional[str]:
     return next((f for f in BF16_FLAGS if f in flags), None)
 
 
+def gpu_native_bf16(device) -> bool:
+    """Whether the GPU `device` runs bf16 natively: compute capability 8.0 (Ampere) or later
+    (torch.cuda.is_bf16_supported also counts slow emulation). True where no GPU can be asked (a
+    config resolved ahead, a plan): bf16 is the GPU default."""
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
+
+
 def auto_dtype(device) -> tuple[torch.dtype, str]:
     """What `dtype = "auto"` means on `device`, and why, in words for the run's first lines:
-    bfloat16 on a GPU and on a CPU that runs it natively, float32 on other CPUs."""
+    bfloat16 on a GPU that runs it natively (float16 on older ones) and on a CPU that does,
+    float32 on other CPUs."""
     if str(device).startswith("cuda"):
-        return torch.bfloat16, "a GPU"
+        if gpu_native_bf16(device):
+            return torch.bfloat16, "a GPU"
+        return torch.float16, "a GPU without native bf16 (compute capability below 8.0)"
     flag = native_bf16()
     if flag:
         return torch.bfloat16, f"this CPU runs bf16 natively: {flag}"

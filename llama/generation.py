@@ -48,6 +48,30 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, top_k: Option
     return order.gather(-1, choice).squeeze(-1)
 
 
+# Llama(compile=...): the torch.compile options of each mode
+COMPILE_MODES = {
+    # one graph for every cache position (dynamic), the weights read from the model at each call
+    "default": {"dynamic": True},
+    # the weights frozen into the graph as constants, so inductor may repack them and time its own
+    # GEMM kernels against ATen's per shape. On CPU its C++ micro-GEMM reads one-row products' weights
+    # near the memory bandwidth, where MKL's GEMV falls short (docs/benchmarks.md). A graph per
+    # batch size and one for every later position; ~1 min to compile on 2 cores; a second copy of
+    # the weights it repacks; weights changed after the first step are not seen.
+    "max": {"dynamic": None, "options": {"freezing": True, "max_autotune": True}},
+}
+
+
+def compile_mode(compile) -> Optional[str]:
+    """None (eager), "default" or "max" from a bool or a mode name."""
+    if compile in (False, None):
+        return None
+    if compile is True:
+        return "default"
+    if compile not in COMPILE_MODES:
+        raise LlamaInputError(f"unknown compile mode {compile!r}; choose from {', '.join(COMPILE_MODES)}")
+    return compile
+
+
 def _without_grad(method: Callable) -> Callable:
     """Run a Llama method under torch.inference_mode, or no_grad (see Llama's inference_mode)."""
     @functools.wraps(method)
@@ -59,10 +83,11 @@ def _without_grad(method: Callable) -> Callable:
 
 class Llama:
     def __init__(self, model: Transformer, tokenizer: Tokenizer, max_seq_len: int, max_batch_size: int, seed: int = 1,
-                 compile: bool = False, inference_mode: bool = True):
-        """compile: run the one-token decode steps through torch.compile (the prompt stays eager).
-        Compiling takes 15-50 s (2 CPU cores) at the first generate; each token after it skips
-        most of the ~1,000 small-op dispatches of an eager step (bench/decode.py).
+                 compile=False, inference_mode: bool = True):
+        """compile: run the one-token decode steps through torch.compile (the prompt stays eager),
+        True or "default", or "max" (COMPILE_MODES). The default takes 15-50 s (2 CPU cores) at the
+        first generate; each token after it skips most of the ~1,000 small-op dispatches of an
+        eager step (bench/decode.py). "max" also freezes the weights into the graph.
         inference_mode False: generate under no_grad instead, for a model in training whose
         weights are gathered into buffers the training step reuses (FSDP): tensors made in
         inference mode cannot be written outside it."""
@@ -72,7 +97,7 @@ class Llama:
         self.max_batch_size = max_batch_size
         # every rank draws the same samples from the same (gathered) logits
         self.generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
-        self.compile = compile
+        self.compile = compile_mode(compile)
         self.inference_mode = inference_mode
         self._compiled: Optional[tuple] = None  # (model, its compiled form): the model may be swapped for an adapter's
 
@@ -81,8 +106,7 @@ class Llama:
         if not self.compile:
             return self.model
         if self._compiled is None or self._compiled[0] is not self.model:
-            # dynamic: one graph for every cache position, instead of a recompile at the second one
-            self._compiled = (self.model, torch.compile(self.model, dynamic=True))
+            self._compiled = (self.model, torch.compile(self.model, **COMPILE_MODES[self.compile]))
         return self._compiled[1]
 
     @staticmethod
@@ -95,7 +119,7 @@ class Llama:
         device: Optional[str] = None,
         seed: int = 1,
         devices=None,
-        compile: bool = False,
+        compile=False,
         quant: str = "none",
         group_size: int = 128,
     ) -> "Llama":

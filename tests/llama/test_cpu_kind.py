@@ -43,6 +43,16 @@ def test_a_gpu_is_bfloat16_whatever_the_cpu(cpu):
     assert parse_dtype("auto", torch.device("cuda", 1)) == torch.bfloat16
 
 
+@pytest.mark.parametrize("capability,want", [((7, 5), torch.float16), ((8, 0), torch.bfloat16)])
+def test_auto_on_a_gpu_without_native_bf16_is_float16(monkeypatch, capability, want):
+    """example.py's auto on a GPU older than Ampere (a T4, a V100): float16, as the trainer takes."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    dtype, why = cpu_kind.auto_dtype("cuda:0")
+    assert dtype == want and parse_dtype("auto", "cuda:0") == want
+    assert ("without native bf16" in why) == (want == torch.float16)
+
+
 def test_no_cpuinfo(monkeypatch, cpu):
     cpu()
     monkeypatch.setattr(cpu_kind, "_cpuinfo", lambda: [])

@@ -14,7 +14,8 @@ import llama.cpu_linear as cpu_linear
 transformers = pytest.importorskip("transformers")
 
 from finetune.methods.prompt import PromptTuning  # noqa: E402
-from llama.generation import Llama  # noqa: E402
+from llama.errors import LlamaInputError  # noqa: E402
+from llama.generation import Llama, compile_mode  # noqa: E402
 from llama.model import Transformer, apply_rope, attention_mask  # noqa: E402
 from llama.cpu_linear import Linear  # noqa: E402
 from llama.tokenizers import Tokenizer  # noqa: E402
@@ -194,24 +195,34 @@ def test_greedy_generate_equal_length_batch_matches_hf_alone(pair, monkeypatch):
 
 
 # compiling takes ~35 s: the GQA model alone (SDPA's enable_gqa in the graph)
+@pytest.mark.parametrize("mode", [True, "max"])
 @pytest.mark.parametrize("pair", [c for c in CASES if c.name == "gqa"], indirect=True, ids=["gqa"])
-def test_compiled_decode_matches_hf(pair):
-    """Llama(compile=True): the one-token steps run as one torch.compile graph (no graph breaks,
-    the threaded one-row products inside it) and give HF's greedy tokens, unpadded and
-    left-padded."""
+def test_compiled_decode_matches_hf(pair, mode):
+    """Llama(compile=True or "max"): the one-token steps run as one torch.compile graph (no graph
+    breaks, the threaded one-row products inside it) and give HF's greedy tokens, unpadded and
+    left-padded; "max" with the weights frozen into the graph and inductor's GEMMs timed (unpadded
+    only: each batch size is a graph of its own there, and a second costs ~25 s)."""
     from torch._dynamo.utils import counters
 
     case, hf, llama = pair
-    compiled = Llama(llama.model, llama.tokenizer, llama.max_seq_len, llama.max_batch_size, compile=True)
+    compiled = Llama(llama.model, llama.tokenizer, llama.max_seq_len, llama.max_batch_size, compile=mode)
     torch._dynamo.reset()
     counters.clear()
     try:
         with num_threads(2):
             assert compiled.generate([PROMPTS[0]], max_gen_len=N_NEW, temperature=0)[0] == hf_greedy(hf, PROMPTS[0])
-            assert compiled.generate(PROMPTS, max_gen_len=N_NEW, temperature=0) == [hf_greedy(hf, p) for p in PROMPTS]
+            if mode is True:
+                assert compiled.generate(PROMPTS, max_gen_len=N_NEW, temperature=0) == [hf_greedy(hf, p) for p in PROMPTS]
         assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     finally:
         torch._dynamo.reset()
+
+
+def test_compile_modes():
+    """compile takes a bool or a mode name; a name we don't know stops with one line."""
+    assert [compile_mode(c) for c in (False, None, True, "default", "max")] == [None, None, "default", "default", "max"]
+    with pytest.raises(LlamaInputError, match="unknown compile mode 'fast'; choose from default, max"):
+        compile_mode("fast")
 
 
 # --- last_only ------------------------------------------------------------------------------------
